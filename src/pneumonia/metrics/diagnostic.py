@@ -1,0 +1,90 @@
+"""Binary diagnostic metrics that are consistent by construction.
+
+Precision, recall (sensitivity), specificity, F1, accuracy and balanced accuracy are all computed
+from one confusion matrix accumulated by torchmetrics, so a results table can never contradict
+itself (the study's weighted-model row did). AUROC comes from the same predicted probabilities.
+PNEUMONIA (label 1) is the positive class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics.classification import BinaryAUROC, BinaryStatScores
+
+METRIC_NAMES: tuple[str, ...] = (
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "accuracy",
+    "auroc",
+)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    # 0 where undefined, as scikit-learn's zero_division=0.
+    numerator, denominator = numerator.double(), denominator.double()
+    return torch.where(
+        denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator)
+    )
+
+
+def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metrics of a 2x2 confusion matrix ``[[tn, fp], [fn, tp]]`` (rows: true class, columns: predicted)."""
+    (tn, fp), (fn, tp) = confusion.double()
+    recall = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    precision = _ratio(tp, tp + fp)
+    return {
+        "balanced_accuracy": (recall + specificity) / 2,
+        "precision": precision,
+        "recall": recall,
+        "specificity": specificity,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, tn + fp + fn + tp),
+    }
+
+
+class DiagnosticMetrics(nn.Module):
+    """Accumulates predictions over an epoch; ``compute()`` returns every metric and the confusion matrix.
+
+    Under DDP the torchmetrics states are synchronised, so every rank computes the global figures.
+
+    Args:
+        threshold: probability at or above which a prediction is PNEUMONIA.
+    """
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+        self.stat_scores = BinaryStatScores(threshold=self.threshold)
+        self.auroc = BinaryAUROC()
+
+    def update(self, probabilities: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add a batch: ``probabilities`` ``(B,)`` in [0, 1], ``targets`` ``(B,)`` in {0, 1}."""
+        targets = targets.long()
+        self.stat_scores.update(probabilities, targets)
+        self.auroc.update(probabilities, targets)
+
+    def confusion_matrix(self) -> torch.Tensor:
+        """``[[tn, fp], [fn, tp]]`` as int64."""
+        tp, fp, tn, fn, _ = self.stat_scores.compute()
+        return torch.stack([torch.stack([tn, fp]), torch.stack([fn, tp])]).long()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """All of ``METRIC_NAMES`` as float64 scalars."""
+        values = metrics_from_confusion(self.confusion_matrix())
+        both_classes = bool((self.confusion_matrix().sum(dim=1) > 0).all())
+        # AUROC is undefined with one class present; report NaN rather than torchmetrics' warning and 0.
+        values["auroc"] = (
+            self.auroc.compute().double()
+            if both_classes
+            else torch.tensor(float("nan"), dtype=torch.float64)
+        )
+        return {name: values[name] for name in METRIC_NAMES}
+
+    def reset(self) -> None:
+        self.stat_scores.reset()
+        self.auroc.reset()

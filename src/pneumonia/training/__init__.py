@@ -1,0 +1,1 @@
+"""Training entry: composes data, model, trainer and loggers from a Hydra config and runs them."""

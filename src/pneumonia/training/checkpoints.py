@@ -1,0 +1,67 @@
+"""Finding and validating checkpoints: ``ckpt_path=last``, run folders, and foreign files."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LAST = "last"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not lead to a loadable pneumonia checkpoint."""
+
+
+def resolve_checkpoint(ckpt_path: str | Path | None, output_dir: str | Path) -> Path | None:
+    """Turn the ``ckpt_path`` config value into a checkpoint file.
+
+    ``None`` -> no checkpoint; ``"last"`` -> ``<output_dir>/checkpoints/last.ckpt`` (the run folder
+    being written, so ``run_dir=<interrupted run> ckpt_path=last`` resumes in place); a run folder ->
+    its ``checkpoints/last.ckpt``; a file -> itself.
+    """
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    if str(ckpt_path) == LAST:
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last, but {path} does not exist. To resume an interrupted run, point the "
+                "run at its folder: run_dir=<that run's folder> ckpt_path=last (with the same overrides), "
+                "or pass ckpt_path=<file.ckpt>"
+            )
+        return path
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass ckpt_path=<file.ckpt> or a run folder that has "
+            "checkpoints/last.ckpt"
+        )
+    return path
+
+
+def read_hyperparameters(path: str | Path) -> dict[str, Any]:
+    """The hyperparameters of a pneumonia checkpoint, read safely (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file is not a torch checkpoint, needs unsafe unpickling, or was not
+            written by ``XrayClassifier``.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a checkpoint that loads safely with weights_only=True ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "net" not in hparams or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a pneumonia XrayClassifier checkpoint (no 'net' hyperparameters); "
+            "use a checkpoint written by train.py"
+        )
+    return hparams

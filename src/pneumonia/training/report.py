@@ -1,0 +1,37 @@
+"""What a run leaves for people: the metric table, ``test_metrics.json`` and the confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumonia import CLASS_NAMES
+from pneumonia.metrics.diagnostic import METRIC_NAMES
+
+
+def format_metrics_table(metrics: dict[str, float], title: str = "test") -> str:
+    """A small fixed-width table of ``METRIC_NAMES`` (missing ones are skipped)."""
+    rows = [(name, metrics[name]) for name in METRIC_NAMES if name in metrics]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{title:<{width}}   value", "-" * (width + 9)]
+    lines += [f"{name:<{width}}   {value:6.4f}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_test_report(output_dir: str | Path, report: dict[str, Any], stem: str = "test") -> Path:
+    """Write ``<stem>_metrics.json`` and ``<stem>_confusion_matrix.png`` into ``output_dir``."""
+    from pneumonia.metrics.figures import confusion_matrix_figure
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / f"{stem}_metrics.json"
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    figure = confusion_matrix_figure(np.array(report["confusion_matrix"]), CLASS_NAMES, stem)
+    figure.savefig(output_dir / f"{stem}_confusion_matrix.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return json_path

@@ -1,0 +1,174 @@
+"""One run, as ``train.py`` launches it: fit, test the best checkpoint, or only evaluate a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from omegaconf import DictConfig
+
+from pneumonia.data.datamodule import ChestXrayDataModule
+from pneumonia.metrics.diagnostic import METRIC_NAMES
+from pneumonia.model.classifier import XrayClassifier, to_plain
+from pneumonia.training.checkpoints import CheckpointError, read_hyperparameters, resolve_checkpoint
+from pneumonia.training.report import format_metrics_table, write_test_report
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run the task the config describes and return the optimised metric (for sweepers).
+
+    ``cfg.fit`` true: train, then (``cfg.test``) test the best checkpoint on the test split; returns
+    the best validation balanced accuracy. ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on every
+    image of ``cfg.data.root``; returns that test balanced accuracy.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("fit", True):
+        return _fit(cfg, output_dir)
+    return _evaluate(cfg, output_dir)
+
+
+def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    datamodule: ChestXrayDataModule = instantiate(cfg.data)
+    module: XrayClassifier = instantiate(
+        cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
+    )
+    if ckpt_path is not None:
+        _check_same_model(ckpt_path, module)
+        log.info("resuming from %s", ckpt_path)
+    callbacks = _instantiate_all(cfg.get("callbacks"), Callback)
+    loggers = _instantiate_all(cfg.get("logger"), Logger)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _log_hyperparameters(trainer.loggers, cfg)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    checkpoint = (
+        trainer.checkpoint_callback
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
+        else None
+    )
+    score = _as_float(checkpoint.best_model_score) if checkpoint is not None else None
+    if score is None:
+        score = _as_float(trainer.callback_metrics.get(cfg.optimized_metric))
+    if cfg.get("test", True):
+        best = (
+            checkpoint.best_model_path
+            if checkpoint is not None and checkpoint.best_model_path
+            else None
+        )
+        if best is None:
+            log.warning("no best checkpoint was saved (fast_dev_run?); testing the current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        _report(trainer, module, output_dir, extra={"checkpoint": best, "best_val_score": score})
+    return score
+
+
+def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path is None:
+        raise CheckpointError(
+            "evaluation needs a checkpoint: pass ckpt_path=<file.ckpt or run folder>"
+        )
+    hparams = read_hyperparameters(ckpt_path)
+    module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    image_size = int(hparams["image_size"])
+    log.info(
+        "evaluating %s (trained at %dpx) on every image of %s", ckpt_path, image_size, cfg.data.root
+    )
+    datamodule: ChestXrayDataModule = instantiate(
+        cfg.data, image_size=image_size, split_fractions=[0.0, 0.0, 1.0]
+    )
+    loggers = _instantiate_all(cfg.get("logger"), Logger)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer.test(module, datamodule=datamodule)
+    report = _report(
+        trainer,
+        module,
+        output_dir,
+        extra={"checkpoint": str(ckpt_path), "data_root": str(cfg.data.root)},
+    )
+    return report["metrics"]["balanced_accuracy"] if report else None
+
+
+def _report(trainer: L.Trainer, module: XrayClassifier, output_dir: Path, extra: dict[str, Any]):
+    report = module.test_report
+    if report is None or not trainer.is_global_zero:
+        return report
+    report = {**report, **extra, "class_weights": module.hparams.class_weights}
+    path = write_test_report(output_dir, report)
+    print("\n" + format_metrics_table(report["metrics"]) + "\n")
+    print(f"run folder: {output_dir}\ntest metrics: {path}")
+    return report
+
+
+def _check_same_model(ckpt_path: Path, module: XrayClassifier) -> None:
+    saved = read_hyperparameters(ckpt_path)
+    for key in ("net", "image_size"):
+        if saved.get(key) != module.hparams[key]:
+            raise CheckpointError(
+                f"{ckpt_path} was trained with {key}={saved.get(key)}, but this run configures "
+                f"{key}={module.hparams[key]}; resume with the overrides of the original run"
+            )
+
+
+def _instantiate_all(group: DictConfig | None, kind: type) -> list:
+    """Instantiate every entry of a config group that is a dict of named objects (callbacks, loggers)."""
+    objects = []
+    for name, node in (group or {}).items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        obj = instantiate(node)
+        if not isinstance(obj, kind):
+            raise TypeError(
+                f"config entry {name!r} built a {type(obj).__name__}, expected a {kind.__name__}"
+            )
+        objects.append(obj)
+    return objects
+
+
+def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
+    """Log the run's settings once, with the metrics TensorBoard's HPARAMS tab should compare."""
+    params = {
+        key: to_plain(cfg[key])
+        for key in (
+            "model",
+            "optimizer",
+            "scheduler",
+            "class_weighting",
+            "data",
+            "trainer",
+            "image_size",
+            "seed",
+        )
+        if key in cfg
+    }
+    params["data"] = {
+        k: v
+        for k, v in params.get("data", {}).items()
+        if k not in ("root", "cache_dir", "split_csv")
+    }
+    placeholders = {f"{stage}/{name}": 0.0 for stage in ("val", "test") for name in METRIC_NAMES}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics=placeholders)
+        else:
+            logger.log_hyperparams(params)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value

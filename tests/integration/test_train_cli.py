@@ -1,0 +1,193 @@
+"""train.py end to end through Hydra's command line, on the real X-rays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, make_subset
+
+pytestmark = pytest.mark.integration
+
+
+def train(
+    *overrides: str, cache_dir: Path, config_name: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "train.py")]
+    if config_name:
+        command += ["--config-name", config_name]
+    command += [
+        *overrides,
+        "trainer.enable_progress_bar=false",
+        "hydra.job_logging.root.level=INFO",
+    ]
+    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    env.pop("PNEUMONIA_DATA", None)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="module")
+def short_run(small_root, cache_dir, tmp_path_factory) -> Path:
+    """Two short epochs with checkpoints, on 120 real images at 64 px."""
+    run_dir = tmp_path_factory.mktemp("short") / "run"
+    train(
+        f"data.root={small_root}",
+        "image_size=64",
+        "debug=limit",
+        "trainer.max_epochs=1",
+        f"run_dir={run_dir}",
+        cache_dir=cache_dir,
+    )
+    return run_dir
+
+
+def test_fast_dev_run_on_all_the_real_data(data_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "fdr"
+    result = train(
+        f"data.root={data_root}",
+        "image_size=64",
+        "debug=fdr",
+        f"run_dir={run_dir}",
+        cache_dir=cache_dir,
+    )
+    assert "balanced_accuracy" in result.stdout
+    rows = (run_dir / "split.csv").read_text().splitlines()
+    assert rows[0] == "path,label,patient,split" and len(rows) == 5232 + 1
+    report = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(report["metrics"]) >= {
+        "balanced_accuracy",
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "auroc",
+    }
+    assert (run_dir / "test_confusion_matrix.png").stat().st_size > 1000
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_run_folder_holds_checkpoints_logs_and_metrics(short_run):
+    checkpoints = sorted(p.name for p in (short_run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(
+        name.startswith("epoch00-bacc") for name in checkpoints
+    )
+    assert list((short_run / "tensorboard").glob("events.out.tfevents.*"))
+    report = json.loads((short_run / "test_metrics.json").read_text())
+    assert report["checkpoint"].endswith(".ckpt") and "last" not in report["checkpoint"]
+    tn_fp, fn_tp = report["confusion_matrix"]
+    assert sum(tn_fp) + sum(fn_tp) == report["images"] > 0
+    checkpoint = torch.load(
+        short_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert checkpoint["hyper_parameters"]["image_size"] == 64
+
+
+def test_resume_in_place_from_the_last_checkpoint(short_run, small_root, cache_dir):
+    before = torch.load(
+        short_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert before["epoch"] == 0
+    result = train(
+        f"data.root={small_root}",
+        "image_size=64",
+        "debug=limit",
+        "trainer.max_epochs=2",
+        f"run_dir={short_run}",
+        "ckpt_path=last",
+        cache_dir=cache_dir,
+    )
+    assert "Restoring states from the checkpoint path" in result.stdout + result.stderr
+    after = torch.load(
+        short_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert after["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 2
+    assert after["global_step"] == 2 * before["global_step"]
+
+
+def test_resume_with_another_architecture_is_refused(short_run, small_root, cache_dir):
+    result = train(
+        f"data.root={small_root}",
+        "image_size=64",
+        "model.net.hidden_features=32",
+        f"run_dir={short_run}",
+        "ckpt_path=last",
+        cache_dir=cache_dir,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "was trained with net=" in result.stderr
+
+
+def test_evaluate_a_checkpoint_on_another_folder(short_run, originals_root, cache_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = train(
+        f"ckpt_path={short_run}",
+        f"data.root={originals_root}",
+        f"run_dir={out}",
+        config_name="eval",
+        cache_dir=cache_dir,
+    )
+    report = json.loads((out / "test_metrics.json").read_text())
+    assert report["images"] == 40  # every full-size original, RGB ones included, is a test image
+    assert report["checkpoint"].endswith("last.ckpt")
+    assert "balanced_accuracy" in result.stdout
+    assert len((out / "evaluated_images.csv").read_text().splitlines()) == 41
+
+
+def test_missing_data_root_is_a_clear_error(cache_dir, tmp_path):
+    missing = tmp_path / "no_such_folder"
+    result = train(
+        f"data.root={missing}",
+        "debug=fdr",
+        f"run_dir={tmp_path / 'r'}",
+        cache_dir=cache_dir,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"data root {missing} does not exist" in result.stderr
+    assert "make data" in result.stderr
+
+
+def test_corrupt_images_are_skipped_and_logged(data_root, cache_dir, tmp_path):
+    root = make_subset(data_root, tmp_path / "corrupt", per_class=30)
+    (root / "train" / "PNEUMONIA" / "person9999_bacteria_1.jpeg").write_bytes(
+        b"\xff\xd8\xff garbage"
+    )
+    run_dir = tmp_path / "run"
+    train(
+        f"data.root={root}", "image_size=64", "debug=fdr", f"run_dir={run_dir}", cache_dir=cache_dir
+    )
+    log = (run_dir / "debug.log").read_text()
+    assert "skipping 1 unreadable image(s) of 61" in log and "person9999_bacteria_1.jpeg" in log
+    assert (
+        "person9999_bacteria_1.jpeg,PNEUMONIA,person9999,skipped"
+        in (run_dir / "split.csv").read_text()
+    )
+
+
+def test_multirun_sweeps_optimizers(small_root, cache_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    train(
+        "-m",
+        "optimizer=adam,sgd_momentum",
+        f"data.root={small_root}",
+        "image_size=64",
+        "debug=fdr",
+        f"hydra.sweep.dir={sweep_dir}",
+        cache_dir=cache_dir,
+    )
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "test_metrics.json").is_file()
+    overrides = (sweep_dir / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert "optimizer=sgd_momentum" in overrides

@@ -1,0 +1,109 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from pneumonia.model.classifier import XrayClassifier
+
+NET = {
+    "_target_": "pneumonia.model.study_cnn.StudyCNN",
+    "image_size": 32,
+    "channels": [4, 8, 8],
+    "hidden_features": 8,
+}
+ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3}
+
+
+def _random_loader(n=16, size=32):
+    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8)
+    labels = (torch.arange(n) % 2).float()
+    return DataLoader(TensorDataset(images, labels), batch_size=8)
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    module = XrayClassifier(
+        net=NET,
+        optimizer=ADAM,
+        image_size=32,
+        class_weights=[2.0, 0.5],
+        pixel_mean=0.4,
+        pixel_std=0.2,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=_random_loader(), val_dataloaders=_random_loader())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # raises on pickled objects
+    assert _is_plain(dict(raw["hyper_parameters"]))
+    restored = XrayClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert restored.hparams.class_weights == [2.0, 0.5] and restored.hparams.pixel_std == 0.2
+    images = next(iter(_random_loader()))[0]
+    module.eval()
+    restored.eval()
+    torch.testing.assert_close(restored(images), module(images))
+
+
+def test_hydra_configs_are_stored_as_plain_containers():
+    from omegaconf import OmegaConf
+
+    module = XrayClassifier(
+        net=OmegaConf.create(NET), optimizer=OmegaConf.create(ADAM), image_size=32
+    )
+    assert type(module.hparams.net) is dict and type(module.hparams.optimizer) is dict
+
+
+def test_training_loss_is_class_weighted_and_evaluation_loss_is_not():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, class_weights=[3.0, 0.5])
+    logits = torch.tensor([0.3, -1.2, 2.0, 0.1])
+    targets = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    expected = (per_sample * torch.tensor([3.0, 0.5, 0.5, 3.0])).mean()
+    torch.testing.assert_close(module._loss(logits, targets, weighted=True), expected)
+    torch.testing.assert_close(module._loss(logits, targets, weighted=False), per_sample.mean())
+
+
+def test_preprocessing_uses_the_stored_statistics():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, pixel_mean=0.5, pixel_std=0.25)
+    images = torch.full((1, 1, 32, 32), 255, dtype=torch.uint8)
+    assert module.preprocess(images).unique().tolist() == [pytest.approx(2.0)]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kind"),
+    [
+        (ADAM, torch.optim.Adam),
+        ({"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9}, torch.optim.SGD),
+    ],
+)
+def test_optimizer_comes_from_its_config(optimizer, kind):
+    module = XrayClassifier(net=NET, optimizer=optimizer, image_size=32)
+    assert isinstance(module.configure_optimizers(), kind)
+
+
+def test_scheduler_config_is_wired():
+    scheduler = {
+        "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "T_max": 5,
+        "interval": "epoch",
+    }
+    module = XrayClassifier(net=NET, optimizer=ADAM, scheduler=scheduler, image_size=32)
+    config = module.configure_optimizers()
+    assert isinstance(
+        config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR
+    )

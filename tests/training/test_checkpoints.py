@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from pneumonia.training.checkpoints import CheckpointError, read_hyperparameters, resolve_checkpoint
+
+
+def test_resolution_of_last_run_folder_and_file(tmp_path):
+    assert resolve_checkpoint(None, tmp_path) is None
+    with pytest.raises(CheckpointError, match=r"ckpt_path=last.*run_dir=<that run's folder>"):
+        resolve_checkpoint("last", tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    assert resolve_checkpoint("last", tmp_path) == last
+    assert resolve_checkpoint(tmp_path, "/elsewhere") == last
+    assert resolve_checkpoint(last, "/elsewhere") == last
+    with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
+        resolve_checkpoint(tmp_path / "missing.ckpt", tmp_path)
+
+
+def test_foreign_files_are_refused_with_the_reason(tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.ckpt is not a checkpoint that loads safely"):
+        read_hyperparameters(garbage)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, other)
+    with pytest.raises(
+        CheckpointError, match="other.ckpt is not a pneumonia XrayClassifier checkpoint"
+    ):
+        read_hyperparameters(other)
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": torch.nn.Linear(1, 1)}}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        read_hyperparameters(pickled)
