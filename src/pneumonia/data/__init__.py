@@ -1,0 +1,1 @@
+"""Data: finding labelled X-rays, splitting them by patient, caching decoded pixels, serving batches."""

@@ -1,0 +1,196 @@
+"""The LightningDataModule: owns discovery, the cache, the split, class weights and pixel statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from pneumonia import CLASS_NAMES
+from pneumonia.data.cache import CachedImages, build_or_load
+from pneumonia.data.class_weights import no_class_weights
+from pneumonia.data.dataset import CachedXrayDataset
+from pneumonia.data.discovery import LabelledImage, discover_images
+from pneumonia.data.splits import GROUPINGS, SPLITS, assign_splits, check_fractions, write_split_csv
+
+log = logging.getLogger(__name__)
+
+ClassWeighting = Callable[[np.ndarray], np.ndarray]
+
+
+class EmptySplitError(ValueError):
+    """A split that a stage needs holds no image."""
+
+
+class ChestXrayDataModule(L.LightningDataModule):
+    """Chest X-rays from any NORMAL/PNEUMONIA folder layout, pooled and split by patient.
+
+    Args:
+        root: folder holding ``NORMAL/`` and ``PNEUMONIA/`` image folders at any depth.
+        image_size: side of the square images fed to the model.
+        batch_size: images per batch.
+        split_fractions: (train, val, test) fractions; ``[0, 0, 1]`` makes every image a test image.
+        group_by: ``"patient"`` (no child on two sides) or ``"image"`` (the study's split).
+        seed: seed of the split; independent of the training seed so runs share one split.
+        class_weighting: training labels -> one weight per class (config group ``class_weighting``).
+        cache_dir: where decoded images are cached.
+        num_workers: DataLoader worker processes; the cached data needs few or none.
+        decode_workers: processes decoding JPEGs when the cache is built (default: all cores).
+        split_csv: if set, the split is written there as ``path,label,patient,split``.
+        pin_memory: pin batches for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 128,
+        batch_size: int = 32,
+        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        group_by: str = "patient",
+        seed: int = 42,
+        class_weighting: ClassWeighting | None = None,
+        cache_dir: str | Path = "data/cache",
+        num_workers: int = 0,
+        decode_workers: int | None = None,
+        split_csv: str | Path | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if group_by not in GROUPINGS:
+            raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
+        if int(image_size) < 32:
+            raise ValueError(f"data.image_size={image_size} is below the smallest supported size, 32")
+        self.root = Path(root).expanduser()
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.split_fractions = check_fractions(split_fractions)
+        self.group_by = group_by
+        self.seed = int(seed)
+        self.class_weighting = class_weighting or no_class_weights
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.num_workers = int(num_workers)
+        self.decode_workers = decode_workers
+        self.split_csv = Path(split_csv) if split_csv else None
+        self.pin_memory = bool(pin_memory)
+
+        self.images: list[LabelledImage] = []
+        self.cache: CachedImages | None = None
+        self.splits: np.ndarray | None = None
+        self.class_weights: np.ndarray | None = None
+        self.pixel_mean: float | None = None
+        self.pixel_std: float | None = None
+        self._datasets: dict[str, CachedXrayDataset] = {}
+
+    def prepare_data(self) -> None:
+        """Decode and cache every image once (rank zero only under DDP)."""
+        self._load_cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the pooled images and, for fitting, compute class weights and pixel statistics."""
+        if self.splits is None:
+            self._split()
+        if stage in (None, "fit") and self.class_weights is None:
+            train_labels = self._labels("train")
+            self.class_weights = np.asarray(self.class_weighting(train_labels), dtype=float)
+            self.pixel_mean, self.pixel_std = self._pixel_stats(self._rows("train"))
+            log.info(
+                "class weights (NORMAL, PNEUMONIA) = (%.4f, %.4f); training pixel mean %.4f, std %.4f",
+                *self.class_weights,
+                self.pixel_mean,
+                self.pixel_std,
+            )
+
+    def _load_cache(self) -> CachedImages:
+        if self.cache is None:
+            self.images = discover_images(self.root)
+            self.cache = build_or_load(
+                [img.path for img in self.images],
+                self.image_size,
+                self.cache_dir,
+                num_workers=self.decode_workers,
+            )
+        return self.cache
+
+    def _split(self) -> None:
+        cache = self._load_cache()
+        labels = np.array([img.label for img in self.images])
+        groups = (
+            [img.patient for img in self.images]
+            if self.group_by == "patient"
+            else [str(img.path) for img in self.images]
+        )
+        splits = np.where(cache.valid, assign_splits(labels, groups, self.split_fractions, self.seed), "skipped")
+        self.splits = splits
+        counts = {s: int((splits == s).sum()) for s in SPLITS}
+        log.info("split of %d images by %s: %s", len(splits), self.group_by, counts)
+        if self.split_csv is not None and self.trainer_is_global_zero:
+            write_split_csv(
+                self.split_csv,
+                [img.path.relative_to(self.root) for img in self.images],
+                labels,
+                [img.patient for img in self.images],
+                splits,
+                CLASS_NAMES,
+            )
+
+    @property
+    def trainer_is_global_zero(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+    def _rows(self, split: str) -> np.ndarray:
+        if self.splits is None:
+            raise RuntimeError("call setup() before asking for a split")
+        rows = np.flatnonzero(self.splits == split)
+        if len(rows) == 0:
+            raise EmptySplitError(
+                f"the {split} split of {self.root} is empty (split_fractions={list(self.split_fractions)}, "
+                f"{len(self.images)} images found); give it a non-zero fraction or add images"
+            )
+        return rows
+
+    def _labels(self, split: str) -> np.ndarray:
+        return np.array([self.images[i].label for i in self._rows(split)])
+
+    def _pixel_stats(self, rows: np.ndarray) -> tuple[float, float]:
+        assert self.cache is not None
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, len(rows), 1024):
+            block = self.cache.pixels[rows[start : start + 1024]].astype(np.float64) / 255.0
+            total += block.sum()
+            total_sq += np.square(block).sum()
+            count += block.size
+        mean = total / count
+        return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 1e-12)))
+
+    def dataset(self, split: str) -> CachedXrayDataset:
+        """The dataset of one split (``"train"``, ``"val"`` or ``"test"``)."""
+        if split not in self._datasets:
+            assert self.cache is not None
+            pixels_path = self.cache.pixels.filename
+            self._datasets[split] = CachedXrayDataset(
+                pixels_path, self._rows(split), self._labels(split)
+            )
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
