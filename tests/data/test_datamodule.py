@@ -16,7 +16,12 @@ def _datamodule(root, cache_dir, **kwargs):
 
 
 def test_class_weights_come_from_the_training_split_only(data_root, cache_dir, tmp_path):
-    dm = _datamodule(data_root, cache_dir, class_weighting=balanced_class_weights, split_csv=tmp_path / "split.csv")
+    dm = _datamodule(
+        data_root,
+        cache_dir,
+        class_weighting=balanced_class_weights,
+        split_csv=tmp_path / "split.csv",
+    )
     dm.prepare_data()
     dm.setup("fit")
     train_labels = dm.dataset("train").labels.numpy().astype(int)

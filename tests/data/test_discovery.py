@@ -1,7 +1,6 @@
 import pytest
 
 from pneumonia.data.discovery import DataLayoutError, discover_images
-
 from tests.conftest import make_subset
 
 
@@ -16,7 +15,7 @@ def test_kaggle_layout_of_the_real_data(data_root):
 def test_flat_and_nested_layouts(data_root, tmp_path):
     flat = make_subset(data_root, tmp_path / "flat", per_class=3, flat=True)
     assert [img.label for img in discover_images(flat)] == [0, 0, 0, 1, 1, 1]
-    nested = make_subset(data_root, tmp_path / "a" / "b" / "deep", per_class=2)
+    make_subset(data_root, tmp_path / "a" / "b" / "deep", per_class=2)
     assert len(discover_images(tmp_path / "a")) == 4
 
 

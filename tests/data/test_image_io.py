@@ -29,7 +29,9 @@ def test_rgb_equals_its_grayscale_conversion(tmp_path):
     gray = rng.integers(0, 256, (60, 90), dtype=np.uint8)
     Image.fromarray(np.stack([gray] * 3, axis=-1)).save(tmp_path / "rgb.png")
     Image.fromarray(gray).save(tmp_path / "gray.png")
-    np.testing.assert_array_equal(load_grayscale(tmp_path / "rgb.png", 64), load_grayscale(tmp_path / "gray.png", 64))
+    np.testing.assert_array_equal(
+        load_grayscale(tmp_path / "rgb.png", 64), load_grayscale(tmp_path / "gray.png", 64)
+    )
 
 
 def test_16_bit_png_is_rescaled_not_clipped(tmp_path):

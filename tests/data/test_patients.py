@@ -26,5 +26,9 @@ def test_patient_id_matches_every_row_of_the_manifest(data_root):
     with (data_root / "MANIFEST.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) > 5000
-    wrong = [(r["filename"], r["patient_id"]) for r in rows if patient_id(r["filename"]) != r["patient_id"]]
+    wrong = [
+        (r["filename"], r["patient_id"])
+        for r in rows
+        if patient_id(r["filename"]) != r["patient_id"]
+    ]
     assert wrong == []

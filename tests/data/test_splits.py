@@ -42,7 +42,9 @@ def test_split_is_deterministic_and_seeded(real):
     assert (first != assign_splits(labels, patients, seed=2)).any()
     # Order of the input does not matter, only the seed.
     order = np.random.default_rng(0).permutation(len(labels))
-    np.testing.assert_array_equal(assign_splits(labels[order], patients[order], seed=1), first[order])
+    np.testing.assert_array_equal(
+        assign_splits(labels[order], patients[order], seed=1), first[order]
+    )
 
 
 def test_per_image_split_divides_patients(real):
@@ -67,7 +69,14 @@ def test_bad_fractions_are_named(bad):
 
 
 def test_split_csv_roundtrip(tmp_path):
-    write_split_csv(tmp_path / "s.csv", ["a.png", "b.png"], [0, 1], ["p1", "p2"], ["train", "test"], ("NORMAL", "PNEUMONIA"))
+    write_split_csv(
+        tmp_path / "s.csv",
+        ["a.png", "b.png"],
+        [0, 1],
+        ["p1", "p2"],
+        ["train", "test"],
+        ("NORMAL", "PNEUMONIA"),
+    )
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     assert rows == [
         {"path": "a.png", "label": "NORMAL", "patient": "p1", "split": "train"},

@@ -3,53 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, make_subset
+from tests.conftest import make_subset
+from tests.integration.conftest import train
 
 pytestmark = pytest.mark.integration
-
-
-def train(
-    *overrides: str, cache_dir: Path, config_name: str | None = None, check: bool = True
-) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train.py")]
-    if config_name:
-        command += ["--config-name", config_name]
-    command += [
-        *overrides,
-        "trainer.enable_progress_bar=false",
-        "hydra.job_logging.root.level=INFO",
-    ]
-    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    env.pop("PNEUMONIA_DATA", None)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        )
-    return result
-
-
-@pytest.fixture(scope="module")
-def short_run(small_root, cache_dir, tmp_path_factory) -> Path:
-    """Two short epochs with checkpoints, on 120 real images at 64 px."""
-    run_dir = tmp_path_factory.mktemp("short") / "run"
-    train(
-        f"data.root={small_root}",
-        "image_size=64",
-        "debug=limit",
-        "trainer.max_epochs=1",
-        f"run_dir={run_dir}",
-        cache_dir=cache_dir,
-    )
-    return run_dir
 
 
 def test_fast_dev_run_on_all_the_real_data(data_root, cache_dir, tmp_path):

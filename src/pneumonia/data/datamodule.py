@@ -63,7 +63,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         if group_by not in GROUPINGS:
             raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
         if int(image_size) < 32:
-            raise ValueError(f"data.image_size={image_size} is below the smallest supported size, 32")
+            raise ValueError(
+                f"data.image_size={image_size} is below the smallest supported size, 32"
+            )
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
@@ -123,7 +125,9 @@ class ChestXrayDataModule(L.LightningDataModule):
             if self.group_by == "patient"
             else [str(img.path) for img in self.images]
         )
-        splits = np.where(cache.valid, assign_splits(labels, groups, self.split_fractions, self.seed), "skipped")
+        splits = np.where(
+            cache.valid, assign_splits(labels, groups, self.split_fractions, self.seed), "skipped"
+        )
         self.splits = splits
         counts = {s: int((splits == s).sum()) for s in SPLITS}
         log.info("split of %d images by %s: %s", len(splits), self.group_by, counts)

@@ -106,11 +106,17 @@ class XrayClassifier(L.LightningModule):
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, weighted: bool) -> torch.Tensor:
         weights = None
         if weighted and self.hparams.class_weights is not None:
-            class_weights = torch.as_tensor(
-                self.hparams.class_weights, device=logits.device, dtype=logits.dtype
-            )
-            weights = class_weights[targets.long()]
+            weights = self._class_weight_tensor(logits.device)[targets.long()]
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), weight=weights)
+
+    def _class_weight_tensor(self, device: torch.device) -> torch.Tensor:
+        # Built once per device and weights, not per step: a host-to-device copy per step stalls GPUs.
+        key = (device, tuple(self.hparams.class_weights))
+        cached_key, cached = getattr(self, "_class_weight_cache", (None, None))
+        if cached_key != key:
+            cached = torch.tensor(key[1], device=device, dtype=torch.float32)
+            self._class_weight_cache = (key, cached)
+        return cached
 
     # ----- steps ------------------------------------------------------------------------------
     def _step(

@@ -1,0 +1,1 @@
+"""Explanations: attribution methods, figures, trust checks, the per-epoch callback."""

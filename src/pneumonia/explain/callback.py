@@ -1,0 +1,144 @@
+"""A Lightning callback that draws attribution maps of fixed validation images every N epochs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pneumonia.explain.figures import attribution_grid, close
+from pneumonia.explain.methods import ClassScores, attribution_fn, explain
+
+log = logging.getLogger(__name__)
+
+
+class AttributionMapsCallback(Callback):
+    """Guided Grad-CAM (or another method) of the same validation images, epoch after epoch.
+
+    The images are chosen once, half of each class, in the validation set's order, so figures of
+    successive epochs are directly comparable. Each time it writes one grid (X-ray, signed map,
+    overlay, with label and predicted probability) to TensorBoard under ``explanations/<method>``
+    and as ``<dirpath>/<stage>_epoch<NNN>.png``. It runs under ``trainer.fit`` (after validation),
+    ``trainer.validate`` and ``trainer.test``; under DDP rank zero alone computes and writes.
+
+    Args:
+        dirpath: folder for the PNGs (``None``: only TensorBoard).
+        num_images: images per grid, both classes (half each when the set has enough of both).
+        every_n_epochs: draw after every N-th validation epoch.
+        method: one of :data:`pneumonia.explain.methods.METHODS`.
+        target: ``"predicted"``, ``"NORMAL"`` or ``"PNEUMONIA"``.
+        layer: Grad-CAM's layer (module path in the LightningModule); ``None``: the last convolution.
+        interpolate_mode: how Grad-CAM is upsampled to the input.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        num_images: int = 8,
+        every_n_epochs: int = 1,
+        method: str = "guided_gradcam",
+        target: str = "predicted",
+        layer: str | None = None,
+        interpolate_mode: str = "bilinear",
+    ) -> None:
+        if num_images < 1 or every_n_epochs < 1:
+            raise ValueError(
+                f"num_images={num_images} and every_n_epochs={every_n_epochs} must be at least 1"
+            )
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.method = method
+        self.target = target
+        self.attribute = attribution_fn(method, layer, interpolate_mode)
+        self.images: torch.Tensor | None = None  # (N, 1, H, W) uint8
+        self.labels: list[int] = []
+        self.seconds: list[float] = []
+
+    # ----- when ---------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._draw(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._draw(trainer, pl_module, "test")
+
+    # ----- what ---------------------------------------------------------------------------
+    def _pick_images(self, trainer: L.Trainer, stage: str) -> None:
+        dataset = self._dataset(trainer, stage)
+        known = getattr(
+            dataset, "labels", None
+        )  # our datasets expose labels without loading pixels
+        labels = (
+            [int(y) for y in known]
+            if known is not None
+            else [int(dataset[i][1]) for i in range(len(dataset))]
+        )
+        per_class = [[i for i, y in enumerate(labels) if y == c] for c in (0, 1)]
+        half = self.num_images // 2
+        chosen = per_class[0][:half] + per_class[1][: self.num_images - half]
+        if len(chosen) < self.num_images:  # one class is short: fill from the other
+            taken = set(chosen)
+            chosen += [i for i in range(len(dataset)) if i not in taken][
+                : self.num_images - len(chosen)
+            ]
+        items = [dataset[i] for i in chosen]
+        self.images = torch.stack([torch.as_tensor(x) for x, _ in items])
+        self.labels = [int(y) for _, y in items]
+
+    @staticmethod
+    def _dataset(trainer: L.Trainer, stage: str):
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "dataset"):
+            try:
+                return datamodule.dataset("val")
+            except ValueError:  # no validation split (e.g. evaluating every image as test)
+                return datamodule.dataset(stage)
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        return loader.dataset
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        start = time.perf_counter()
+        if self.images is None:
+            self._pick_images(trainer, stage)
+        assert self.images is not None
+        with torch.inference_mode(False):
+            images = self.images.to(pl_module.device)
+            pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+            maps, probabilities, _ = explain(
+                ClassScores(pl_module), pixels, self.attribute, self.target
+            )
+        epoch = trainer.current_epoch
+        title = f"{self.method} ({self.target} class), {stage}, epoch {epoch}"
+        figure = attribution_grid(
+            pixels[:, 0].float().cpu().numpy(),
+            maps[:, 0].float().cpu().numpy(),
+            self.labels,
+            probabilities.float().cpu().tolist(),
+            title,
+        )
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(
+                    f"explanations/{self.method}/{stage}", figure, trainer.global_step
+                )
+        if self.dirpath is not None:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            figure.savefig(self.dirpath / f"{stage}_epoch{epoch:03d}.png")
+        close(figure)
+        self.seconds.append(time.perf_counter() - start)
+        log.info("attribution maps for %s epoch %d took %.2f s", stage, epoch, self.seconds[-1])
+        if self.dirpath is not None:  # lets benchmarks set the callback's cost against an epoch's
+            (self.dirpath / "timings.json").write_text(json.dumps({"seconds": self.seconds}))

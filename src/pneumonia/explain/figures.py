@@ -1,0 +1,135 @@
+"""Attribution figures drawn with Captum's ``visualize_image_attr``.
+
+- :func:`study_figure`: the study's Figure 3 for one image: the attribution with sign ``all``,
+  ``positive``, ``negative`` and ``absolute_value``, each alone and blended over the X-ray.
+- :func:`attribution_grid`: a sheet across images (X-ray, signed attribution, overlay), used by the
+  per-epoch callback and as ``explain.py``'s summary.
+
+Captum refuses to draw an all-zero map ("Cannot normalize by scale factor = 0"); such panels are
+drawn as the X-ray with a note instead of failing the whole figure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+from captum.attr import visualization
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from pneumonia import CLASS_NAMES
+
+SIGNS: tuple[str, ...] = ("all", "positive", "negative", "absolute_value")
+
+
+def draw_attribution(
+    fig: Figure,
+    ax: Axes,
+    attribution: np.ndarray,
+    image: np.ndarray,
+    method: str,
+    sign: str,
+    title: str,
+) -> None:
+    """One panel: ``attribution`` and ``image`` are ``(H, W)``, the image in [0, 1]."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Attempting to normalize by value approximately 0"
+        )
+        try:
+            visualization.visualize_image_attr(
+                attribution[..., None],
+                image[..., None],
+                method=method,
+                sign=sign,
+                plt_fig_axis=(fig, ax),
+                use_pyplot=False,
+                title=title,
+            )
+            return
+        except AssertionError as err:  # Captum asserts on an all-zero map of that sign
+            if "scale factor = 0" not in str(err):
+                raise
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    note = "all-zero map" if sign in ("all", "absolute_value") else f"no {sign}\nattribution"
+    ax.text(0.5, 0.5, note, color="yellow", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    ax.axis("off")
+
+
+def describe(label: int | None, probability: float) -> str:
+    """``true NORMAL, pred PNEUMONIA (p=0.93)``; p is the probability of PNEUMONIA."""
+    predicted = CLASS_NAMES[int(probability >= 0.5)]
+    truth = f"true {CLASS_NAMES[label]}, " if label is not None and label >= 0 else ""
+    return f"{truth}pred {predicted} (p={probability:.2f})"
+
+
+def study_figure(
+    image: np.ndarray,
+    attribution: np.ndarray,
+    title: str,
+    signs: Sequence[str] = SIGNS,
+) -> Figure:
+    """The study's Figure 3 for one image: each sign alone (top row) and blended (bottom row).
+
+    ``image`` and ``attribution`` are ``(H, W)``; the first column shows the X-ray.
+    """
+    fig, axes = plt.subplots(
+        2, len(signs) + 1, figsize=(2.6 * (len(signs) + 1), 5.6), squeeze=False
+    )
+    axes[0, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[0, 0].set_title("X-ray")
+    for ax in axes[:, 0]:
+        ax.axis("off")
+    for column, sign in enumerate(signs, start=1):
+        draw_attribution(
+            fig, axes[0, column], attribution, image, "heat_map", sign, sign.replace("_", " ")
+        )
+        draw_attribution(
+            fig,
+            axes[1, column],
+            attribution,
+            image,
+            "blended_heat_map",
+            sign,
+            f"{sign.replace('_', ' ')}, blended",
+        )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(h_pad=1.5)
+    return fig
+
+
+def attribution_grid(
+    images: np.ndarray,
+    attributions: np.ndarray,
+    labels: Sequence[int | None],
+    probabilities: Sequence[float],
+    title: str,
+) -> Figure:
+    """Columns are images ``(N, H, W)``; rows: the X-ray, the signed attribution, the overlay."""
+    count = len(images)
+    fig, axes = plt.subplots(3, count, figsize=(2.2 * count, 7.0), squeeze=False)
+    for i in range(count):
+        axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        axes[0, i].set_title(
+            describe(labels[i], float(probabilities[i])).replace(", pred", "\npred"), fontsize=8
+        )
+        axes[0, i].axis("off")
+        draw_attribution(fig, axes[1, i], attributions[i], images[i], "heat_map", "all", "signed")
+        draw_attribution(
+            fig, axes[2, i], attributions[i], images[i], "blended_heat_map", "all", "overlay"
+        )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)

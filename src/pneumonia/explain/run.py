@@ -1,0 +1,261 @@
+"""``explain.py``'s task: attribution maps, the study's figures and trust checks for a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pneumonia import CLASS_NAMES
+from pneumonia.data.image_io import load_grayscale
+from pneumonia.explain.faithfulness import deletion_auc, random_deletion_auc
+from pneumonia.explain.figures import attribution_grid, close, describe, study_figure
+from pneumonia.explain.inputs import ImageToExplain, collect_images
+from pneumonia.explain.methods import ClassScores, attribution_fn, class_scores, resolve_targets
+from pneumonia.explain.regions import (
+    format_region_table,
+    region_area_shares,
+    region_shares,
+    summarize_by_class,
+)
+from pneumonia.explain.sanity import cascading_randomization
+from pneumonia.model.classifier import XrayClassifier
+from pneumonia.training.checkpoints import read_hyperparameters, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+SUMMARY_IMAGES = 12
+
+
+def pick_checkpoint(ckpt_path: str | Path) -> Path:
+    """A ``.ckpt`` file as given, or for a run folder its best checkpoint (else ``last.ckpt``)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        best = sorted(p for p in (path / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+        if best:
+            return best[-1]
+    resolved = resolve_checkpoint(path, path)
+    assert resolved is not None
+    return resolved
+
+
+def load_model(ckpt_path: Path, device: torch.device) -> tuple[XrayClassifier, dict[str, Any]]:
+    hparams = read_hyperparameters(ckpt_path)  # clear error for foreign or unsafe files
+    module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
+    return module.eval(), hparams
+
+
+def load_pixels(
+    items: list[ImageToExplain], image_size: int
+) -> tuple[np.ndarray, list[ImageToExplain], dict[str, str]]:
+    """Decode every image to ``(N, S, S)`` uint8; unreadable ones are reported, not fatal."""
+    pixels, kept, failures = [], [], {}
+    for item in tqdm(items, desc="loading images", unit="img"):
+        try:
+            pixels.append(load_grayscale(item.path, image_size))
+            kept.append(item)
+        except (OSError, ValueError, SyntaxError) as err:
+            failures[str(item.path)] = f"{type(err).__name__}: {err}"
+            log.error(
+                "cannot read %s (%s); explaining the other images",
+                item.path,
+                failures[str(item.path)],
+            )
+    if not kept:
+        raise ValueError(f"none of the {len(items)} images could be read: {failures}")
+    return np.stack(pixels), kept, failures
+
+
+def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``)."""
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    ckpt_path = pick_checkpoint(cfg.ckpt_path)
+    module, hparams = load_model(ckpt_path, device)
+    trained_size = int(hparams["image_size"])
+    if cfg.image_size not in (None, trained_size):
+        raise ValueError(
+            f"image_size={cfg.image_size}, but {ckpt_path} was trained at {trained_size}px and its "
+            f"network only takes that size; leave image_size unset (images of any size are resized)"
+        )
+    log.info("explaining %s (%dpx)", ckpt_path, trained_size)
+
+    data_root = Path(cfg.data_root)
+    items = collect_images(cfg.images, ckpt_path, data_root)
+    if cfg.max_images and len(items) > cfg.max_images:
+        items = _balanced_subset(items, cfg.max_images)
+    pixels, items, failures = load_pixels(items, trained_size)
+    images = torch.from_numpy(pixels).unsqueeze(1).float().div(255.0)
+    labels = [item.label for item in items]
+    model = ClassScores(module).to(device)
+
+    scores = torch.cat(
+        [class_scores(model, batch.to(device)).cpu() for batch in images.split(cfg.batch_size)]
+    )
+    targets = resolve_targets(cfg.target, scores)
+    probabilities = torch.sigmoid(scores[:, 1])
+
+    maps: dict[str, torch.Tensor] = {}
+    ms_per_image: dict[str, float] = {}
+    for method in cfg.methods:
+        attribute = attribution_fn(method, cfg.layer, cfg.interpolate_mode)
+        batches = []
+        start = time.perf_counter()
+        for batch, batch_targets in tqdm(
+            list(zip(images.split(cfg.batch_size), targets.split(cfg.batch_size), strict=True)),
+            desc=f"attributing ({method})",
+            unit="batch",
+        ):
+            batches.append(attribute(model, batch.to(device), batch_targets.to(device)).cpu())
+        maps[method] = torch.cat(batches)
+        ms_per_image[method] = 1000 * (time.perf_counter() - start) / len(images)
+
+    np.savez_compressed(
+        output_dir / "attributions.npz",
+        paths=np.array([str(item.path) for item in items]),
+        labels=np.array([-1 if y is None else y for y in labels]),
+        probabilities=probabilities.numpy(),
+        targets=targets.numpy(),
+        images=pixels,
+        **{f"maps_{method}": m[:, 0].numpy().astype(np.float32) for method, m in maps.items()},
+    )
+    _write_figures(
+        cfg, output_dir, images, maps[cfg.figure_method], labels, probabilities, targets, items
+    )
+    trust = _trust(cfg, model, images, targets, labels, maps, device)
+    report = {
+        "checkpoint": str(ckpt_path),
+        "images": len(items),
+        "unreadable": failures,
+        "target": cfg.target,
+        "ms_per_image": ms_per_image,
+        **trust,
+    }
+    (output_dir / "trust.json").write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    _print_report(report)
+    return report
+
+
+def _balanced_subset(items: list[ImageToExplain], count: int) -> list[ImageToExplain]:
+    """The first images of each class in turn, so a capped set still shows both classes."""
+    by_label: dict[int | None, list[ImageToExplain]] = {}
+    for item in items:
+        by_label.setdefault(item.label, []).append(item)
+    queues = list(by_label.values())
+    chosen: list[ImageToExplain] = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def _write_figures(cfg, output_dir, images, maps, labels, probabilities, targets, items) -> None:
+    figure_dir = output_dir / "figures"
+    figure_dir.mkdir(exist_ok=True)
+    for i, item in enumerate(tqdm(items, desc="drawing figures", unit="img")):
+        title = (
+            f"{item.path.name}: {describe(labels[i], float(probabilities[i]))}; "
+            f"{cfg.figure_method} for {CLASS_NAMES[int(targets[i])]}"
+        )
+        fig = study_figure(images[i, 0].numpy(), maps[i, 0].numpy(), title, signs=list(cfg.signs))
+        fig.savefig(figure_dir / f"{i:04d}_{item.path.stem}.png")
+        close(fig)
+    count = min(SUMMARY_IMAGES, len(items))
+    sheet = attribution_grid(
+        images[:count, 0].numpy(),
+        maps[:count, 0].numpy(),
+        labels[:count],
+        probabilities[:count].tolist(),
+        f"{cfg.figure_method} ({cfg.target} class)",
+    )
+    sheet.savefig(output_dir / "summary.png")
+    close(sheet)
+
+
+def _trust(cfg, model, images, targets, labels, maps, device) -> dict[str, Any]:
+    trust_cfg = cfg.trust
+    count = min(trust_cfg.images, len(images))
+    subset, subset_targets = images[:count].to(device), targets[:count].to(device)
+    result: dict[str, Any] = {}
+    if trust_cfg.sanity:
+        result["sanity"] = {}
+        for method in cfg.methods:
+            steps = cascading_randomization(
+                model,
+                attribution_fn(method, cfg.layer, cfg.interpolate_mode),
+                subset,
+                subset_targets,
+                seed=cfg.seed,
+            )
+            result["sanity"][method] = [
+                {"randomized_through": s.layer, "rank_correlation": s.mean_rank_correlation}
+                for s in steps
+            ]
+    if trust_cfg.deletion:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        random_auc = random_deletion_auc(
+            model, subset, subset_targets, steps=trust_cfg.deletion_steps, generator=generator
+        )
+        result["deletion_auc"] = {"random_order": float(random_auc.mean())}
+        for method, method_maps in maps.items():
+            auc = deletion_auc(
+                model,
+                subset,
+                subset_targets,
+                method_maps[:count].to(device),
+                steps=trust_cfg.deletion_steps,
+            )
+            result["deletion_auc"][method] = float(auc.mean())
+    if trust_cfg.regions:
+        known = [i for i, y in enumerate(labels) if y is not None]
+        if known:
+            shares = region_shares(maps[cfg.figure_method][known])
+            rows = summarize_by_class(shares, torch.tensor([labels[i] for i in known]))
+            side = images.shape[-1]
+            result["regions"] = {
+                "method": cfg.figure_method,
+                "rows": rows,
+                "area": region_area_shares(side, side),
+            }
+    return result
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    lines = [f"\nexplained {report['images']} images of {report['checkpoint']}"]
+    if report["unreadable"]:
+        lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
+    lines.append(
+        "\nms per image: " + ", ".join(f"{m} {v:.1f}" for m, v in report["ms_per_image"].items())
+    )
+    if "sanity" in report:
+        lines.append(
+            "\nsanity check: rank correlation with the trained model's maps as layers are randomised"
+        )
+        lines.append(
+            "(top layer first; near 1 = the map ignores the weights and does not explain the model)"
+        )
+        for method, steps in report["sanity"].items():
+            lines.append(
+                f"  {method:<16}"
+                + "  ".join(
+                    f"{s['randomized_through']}: {s['rank_correlation']:+.2f}" for s in steps
+                )
+            )
+    if "deletion_auc" in report:
+        lines.append("\ndeletion AUC of the explained class's probability (lower = more faithful)")
+        lines += [f"  {name:<16}{value:.3f}" for name, value in report["deletion_auc"].items()]
+    if "regions" in report:
+        lines.append(
+            f"\nwhere the attribution mass lies ({report['regions']['method']}), mean per true class"
+        )
+        lines.append(format_region_table(report["regions"]["rows"], report["regions"]["area"]))
+    print("\n".join(lines))

@@ -1,0 +1,68 @@
+"""The attribution-map callback inside real (short) training, validation and testing."""
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pneumonia.data.datamodule import ChestXrayDataModule
+from pneumonia.explain.callback import AttributionMapsCallback
+from pneumonia.model.classifier import XrayClassifier
+
+pytestmark = pytest.mark.integration
+NET = {
+    "_target_": "pneumonia.model.study_cnn.StudyCNN",
+    "image_size": 64,
+    "channels": [8, 16, 16],
+    "hidden_features": 16,
+}
+
+
+def _setup(small_root, cache_dir, tmp_path, **callback_args):
+    datamodule = ChestXrayDataModule(
+        small_root, image_size=64, batch_size=16, cache_dir=cache_dir, decode_workers=1
+    )
+    module = XrayClassifier(
+        net=NET, optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3}, image_size=64
+    )
+    callback = AttributionMapsCallback(dirpath=tmp_path / "maps", num_images=4, **callback_args)
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return datamodule, module, callback, trainer
+
+
+def test_maps_of_the_same_images_every_epoch(small_root, cache_dir, tmp_path):
+    datamodule, module, callback, trainer = _setup(small_root, cache_dir, tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*.png")) == [
+        "val_epoch000.png",
+        "val_epoch001.png",
+    ]
+    assert sorted(callback.labels) == [0, 0, 1, 1]  # both classes
+    assert len(callback.seconds) == 2 and (tmp_path / "maps" / "timings.json").is_file()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert len(events.Images("explanations/guided_gradcam/val")) == 2
+    assert module.training is False or all(
+        m.training == module.training for m in module.net.modules()
+    )
+
+
+def test_every_n_epochs(small_root, cache_dir, tmp_path):
+    datamodule, module, _, trainer = _setup(small_root, cache_dir, tmp_path, every_n_epochs=2)
+    trainer.fit(module, datamodule=datamodule)
+    assert [p.name for p in (tmp_path / "maps").glob("*.png")] == ["val_epoch001.png"]
+
+
+def test_validate_and_test_run_in_inference_mode(small_root, cache_dir, tmp_path):
+    datamodule, module, _, trainer = _setup(small_root, cache_dir, tmp_path, target="NORMAL")
+    trainer.validate(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+    names = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
+    assert names == ["test_epoch000.png", "val_epoch000.png"]

@@ -1,0 +1,103 @@
+"""Region shares of attribution mass on hand-placed maps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pneumonia.explain.regions import (
+    REGION_NAMES,
+    format_region_table,
+    region_area_shares,
+    region_masks,
+    region_shares,
+    summarize_by_class,
+)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (17, 23), (224, 224)])
+def test_masks_are_disjoint_and_cover_the_image(height: int, width: int) -> None:
+    masks = region_masks(height, width)
+    assert set(masks) == set(REGION_NAMES)
+    stacked = torch.stack([masks[name].long() for name in REGION_NAMES])
+    assert stacked.shape == (3, height, width)
+    assert torch.equal(stacked.sum(dim=0), torch.ones(height, width, dtype=torch.long))
+    assert all(mask.any() for mask in masks.values())
+
+
+def test_regions_sit_where_the_anatomy_is() -> None:
+    masks = region_masks(32, 32)
+    assert masks["central"][16, 16]  # image centre: heart
+    assert masks["lungs"][12, 6] and masks["lungs"][12, 25]  # both lateral fields
+    assert masks["border"][0, 0] and masks["border"][16, 0] and masks["border"][31, 16]
+    # Left-right symmetric, as a frontal view is.
+    for mask in masks.values():
+        assert torch.equal(mask, mask.flip(-1))
+
+
+def test_area_shares_sum_to_one() -> None:
+    shares = region_area_shares(32, 32)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["central"] == pytest.approx(region_masks(32, 32)["central"].float().mean().item())
+
+
+def test_all_positive_mass_on_a_central_pixel() -> None:
+    maps = torch.zeros(1, 1, 32, 32)
+    maps[0, 0, 16, 16] = 3.0
+    shares = region_shares(maps)
+    assert shares["positive"]["central"].item() == pytest.approx(1.0)
+    assert shares["positive"]["lungs"].item() == 0.0
+    assert all(math.isnan(shares["negative"][name].item()) for name in REGION_NAMES)
+
+
+def test_negative_mass_on_the_border_only() -> None:
+    maps = torch.zeros(2, 32, 32)  # (B, H, W) is accepted too
+    maps[:, 0, :] = -1.0
+    shares = region_shares(maps)
+    torch.testing.assert_close(shares["negative"]["border"], torch.ones(2, dtype=torch.float64))
+    assert torch.isnan(shares["positive"]["border"]).all()
+
+
+def test_shares_sum_to_one_per_sign() -> None:
+    maps = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    shares = region_shares(maps)
+    for sign in ("positive", "negative"):
+        total = sum(shares[sign][name] for name in REGION_NAMES)
+        torch.testing.assert_close(total, torch.ones(5, dtype=torch.float64))
+    # Evenly spread noise lands on each region about in proportion to its area.
+    area = region_area_shares(32, 32)
+    for name in REGION_NAMES:
+        assert shares["positive"][name].mean().item() == pytest.approx(area[name], abs=0.05)
+
+
+def test_summary_per_class_skips_images_without_mass() -> None:
+    maps = torch.zeros(3, 1, 32, 32)
+    maps[0, 0, 16, 16] = 1.0  # NORMAL: centre
+    maps[1, 0, 0, 0] = 1.0  # PNEUMONIA: border
+    # image 2 (PNEUMONIA) has no positive mass and must not drag the mean to NaN.
+    maps[2, 0, 16, 16] = -1.0
+    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1, 1]))
+    by_key = {(row["class"], row["sign"]): row for row in rows}
+    assert len(rows) == 4
+    assert by_key["NORMAL", "positive"]["central"] == pytest.approx(1.0)
+    assert by_key["PNEUMONIA", "positive"]["border"] == pytest.approx(1.0)
+    assert by_key["PNEUMONIA", "positive"]["images"] == 1
+    assert by_key["PNEUMONIA", "negative"]["central"] == pytest.approx(1.0)
+    assert math.isnan(by_key["NORMAL", "negative"]["central"])
+    assert by_key["NORMAL", "negative"]["images"] == 0
+
+
+def test_table_lists_classes_regions_and_chance() -> None:
+    maps = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1, 0, 1]))
+    table = format_region_table(rows, region_area_shares(32, 32))
+    lines = table.splitlines()
+    assert len(lines) == 1 + 4 + 1
+    for word in ("NORMAL", "PNEUMONIA", "positive", "negative", *REGION_NAMES):
+        assert word in table
+    assert lines[-1].startswith("area")
+    assert f"{region_area_shares(32, 32)['central']:.1%}" in lines[-1]
+    # Fixed width: the numeric columns line up.
+    assert len({len(line) for line in lines[:-1]}) == 1

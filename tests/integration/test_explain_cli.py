@@ -1,0 +1,95 @@
+"""explain.py end to end on a real checkpoint trained on the real X-rays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.integration.conftest import explain
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def explained(short_run, small_root, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("explained") / "out"
+    result = explain(
+        f"ckpt_path={short_run}", f"data_root={small_root}", f"run_dir={out}", "max_images=6", "trust.images=4",
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    return out, result
+
+
+def test_figures_arrays_and_summary_are_written(explained):
+    out, _ = explained
+    figures = sorted((out / "figures").glob("*.png"))
+    assert len(figures) == 6
+    assert (out / "summary.png").stat().st_size > 10_000
+    arrays = np.load(out / "attributions.npz")
+    assert arrays["images"].shape == (6, 64, 64) and arrays["images"].dtype == np.uint8
+    for method in ("guided_gradcam", "gradcam", "guided_backprop", "saliency"):
+        maps = arrays[f"maps_{method}"]
+        assert maps.shape == (6, 64, 64) and np.isfinite(maps).all()
+    assert (arrays["maps_gradcam"] >= 0).all()  # ReLU'd Grad-CAM
+    assert ((arrays["probabilities"] >= 0) & (arrays["probabilities"] <= 1)).all()
+    assert set(arrays["labels"].tolist()) == {0, 1}  # the run's test split has both classes
+
+
+def test_trust_report_is_printed_and_saved(explained):
+    out, result = explained
+    report = json.loads((out / "trust.json").read_text())
+    assert report["checkpoint"].endswith(".ckpt") and "last" not in report["checkpoint"]
+    assert set(report["ms_per_image"]) == {
+        "guided_gradcam",
+        "gradcam",
+        "guided_backprop",
+        "saliency",
+    }
+    for steps in report["sanity"].values():
+        assert len(steps) == 5  # 3 convolutions + 2 linear layers, top first
+        assert all(-1 <= s["rank_correlation"] <= 1 for s in steps)
+    assert 0 <= report["deletion_auc"]["random_order"] <= 1
+    assert {row["class"] for row in report["regions"]["rows"]} <= {"NORMAL", "PNEUMONIA"}
+    for text in ("sanity check", "deletion AUC", "central"):
+        assert text in result.stdout
+
+
+def test_any_image_folder_with_bad_files_and_a_named_class(
+    short_run, originals_root, cache_dir, tmp_path
+):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for source in sorted((originals_root / "NORMAL").iterdir())[:2]:
+        shutil.copy(source, folder / source.name)
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8 not an image")
+    out = tmp_path / "out"
+    result = explain(
+        f"ckpt_path={short_run / 'checkpoints' / 'last.ckpt'}", f"images={folder}", f"run_dir={out}",
+        "target=NORMAL", "methods=[guided_gradcam]", "trust.sanity=false",
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    report = json.loads((out / "trust.json").read_text())
+    assert report["images"] == 2 and list(report["unreadable"]) == [str(folder / "broken.jpeg")]
+    assert np.load(out / "attributions.npz")["targets"].tolist() == [0, 0]
+    assert "cannot read" in result.stdout + result.stderr
+
+
+def test_a_foreign_checkpoint_is_refused_clearly(cache_dir, tmp_path):
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, other)
+    result = explain(
+        f"ckpt_path={other}", f"run_dir={tmp_path / 'out'}", cache_dir=cache_dir, check=False
+    )
+    assert result.returncode != 0
+    assert "is not a pneumonia XrayClassifier checkpoint" in result.stderr
+    missing = explain(
+        f"ckpt_path={tmp_path / 'nope.ckpt'}",
+        f"run_dir={tmp_path / 'o2'}",
+        cache_dir=cache_dir,
+        check=False,
+    )
+    assert "nope.ckpt does not exist" in missing.stderr
