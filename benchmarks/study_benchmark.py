@@ -194,7 +194,14 @@ def bench_study(preset: str, base: list[str], out: Path, epochs: int) -> dict:
     run(cfg)
     seconds = time.perf_counter() - start
     report = json.loads((run_dir / "test_metrics.json").read_text())
-    return {"wall_s": seconds, "epochs": epochs, **report}
+    result = {"wall_s": seconds, "epochs": epochs, **report}
+    timings = run_dir / "explanations" / "timings.json"
+    if timings.is_file():  # the attribution-map callback's cost against an epoch's
+        callback_s = json.loads(timings.read_text())["seconds"]
+        epoch_s = (seconds - sum(callback_s)) / epochs
+        result["callback_s_mean"] = statistics.mean(callback_s)
+        result["callback_share_of_epoch"] = result["callback_s_mean"] / epoch_s
+    return result
 
 
 def markdown(results: dict) -> str:
@@ -239,6 +246,15 @@ def markdown(results: dict) -> str:
                 )
                 + f" | {res['wall_s'] / 60:.1f} min ({res['epochs']} epochs) |"
             )
+        callbacks = [r for r in results["study"].values() if "callback_s_mean" in r]
+        if callbacks:
+            lines.append("")
+            lines += [
+                f"- Guided Grad-CAM callback ({preset}): {r['callback_s_mean']:.2f} s per validation epoch, "
+                f"{100 * r['callback_share_of_epoch']:.1f}% of an epoch"
+                for preset, r in results["study"].items()
+                if "callback_s_mean" in r
+            ]
     return "\n".join(lines)
 
 

@@ -152,3 +152,18 @@ def test_multirun_sweeps_optimizers(small_root, cache_dir, tmp_path):
         assert (sweep_dir / job / "test_metrics.json").is_file()
     overrides = (sweep_dir / "1" / ".hydra" / "overrides.yaml").read_text()
     assert "optimizer=sgd_momentum" in overrides
+
+
+def test_ddp_on_two_cpu_processes_with_rank_zero_writing(small_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "ddp"
+    train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer=ddp", "trainer.accelerator=cpu",
+        f"run_dir={run_dir}", cache_dir=cache_dir,
+    )  # fmt: skip
+    log = (run_dir / "debug.log").read_text()
+    assert "[rank: 1]" in log  # the second process ran and logs into the same run folder
+    assert log.count("attribution maps for") == 3  # 2 validation epochs + the test, rank zero only
+    assert json.loads((run_dir / "test_metrics.json").read_text())["images"] > 0
+    assert sorted(p.name for p in (run_dir / "explanations").glob("*.png")) == [
+        "test_epoch002.png", "val_epoch000.png", "val_epoch001.png",
+    ]  # fmt: skip
