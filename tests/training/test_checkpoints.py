@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from pneumonia.training.checkpoints import CheckpointError, read_hyperparameters, resolve_checkpoint
+from pneumonia.training.checkpoints import (
+    CheckpointError,
+    best_checkpoint,
+    read_hyperparameters,
+    resolve_checkpoint,
+)
 
 
 def test_resolution_of_last_run_folder_and_file(tmp_path):
@@ -33,3 +38,17 @@ def test_foreign_files_are_refused_with_the_reason(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"net": torch.nn.Linear(1, 1)}}, pickled)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         read_hyperparameters(pickled)
+
+
+def test_a_run_folder_means_its_recorded_best_checkpoint_when_asked(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    best = folder / "epoch03-bacc0.9700.ckpt"
+    torch.save({"state_dict": {}}, best)
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/balanced_accuracy'}": {"best_model_path": "/moved/away/epoch03-bacc0.9700.ckpt"}}}, folder / "last.ckpt")  # fmt: skip
+    torch.save({"state_dict": {}}, folder / "epoch09-bacc0.9100.ckpt")  # a later, worse one
+    assert best_checkpoint(tmp_path / "run") == best
+    assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == best
+    assert resolve_checkpoint(tmp_path / "run", tmp_path) == folder / "last.ckpt"  # resuming
+    best.unlink()
+    assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == folder / "last.ckpt"

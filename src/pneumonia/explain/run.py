@@ -33,18 +33,6 @@ log = logging.getLogger(__name__)
 SUMMARY_IMAGES = 12
 
 
-def pick_checkpoint(ckpt_path: str | Path) -> Path:
-    """A ``.ckpt`` file as given, or for a run folder its best checkpoint (else ``last.ckpt``)."""
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        best = sorted(p for p in (path / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
-        if best:
-            return best[-1]
-    resolved = resolve_checkpoint(path, path)
-    assert resolved is not None
-    return resolved
-
-
 def load_model(ckpt_path: Path, device: torch.device) -> tuple[XrayClassifier, dict[str, Any]]:
     hparams = read_hyperparameters(ckpt_path)  # clear error for foreign or unsafe files
     module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
@@ -78,7 +66,7 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
-    ckpt_path = pick_checkpoint(cfg.ckpt_path)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, output_dir, prefer_best=True)
     module, hparams = load_model(ckpt_path, device)
     trained_size = int(hparams["image_size"])
     if cfg.image_size not in (None, trained_size):

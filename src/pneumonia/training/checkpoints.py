@@ -15,12 +15,37 @@ class CheckpointError(ValueError):
     """A checkpoint path that does not lead to a loadable pneumonia checkpoint."""
 
 
-def resolve_checkpoint(ckpt_path: str | Path | None, output_dir: str | Path) -> Path | None:
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The best checkpoint of a run folder, as its ``last.ckpt``'s ModelCheckpoint state records it.
+
+    The recorded path is looked up by name inside ``run_dir``, so a moved or copied run still works.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    if not last.is_file():
+        return None
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    for key, value in state.get("callbacks", {}).items():
+        if (
+            key.startswith("ModelCheckpoint")
+            and isinstance(value, dict)
+            and value.get("best_model_path")
+        ):
+            candidate = folder / Path(value["best_model_path"]).name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def resolve_checkpoint(
+    ckpt_path: str | Path | None, output_dir: str | Path, prefer_best: bool = False
+) -> Path | None:
     """Turn the ``ckpt_path`` config value into a checkpoint file.
 
     ``None`` -> no checkpoint; ``"last"`` -> ``<output_dir>/checkpoints/last.ckpt`` (the run folder
     being written, so ``run_dir=<interrupted run> ckpt_path=last`` resumes in place); a run folder ->
-    its ``checkpoints/last.ckpt``; a file -> itself.
+    its best checkpoint when ``prefer_best`` (evaluating, explaining) and one is recorded, else its
+    ``checkpoints/last.ckpt`` (resuming); a file -> itself.
     """
     if ckpt_path is None or str(ckpt_path) == "":
         return None
@@ -35,7 +60,8 @@ def resolve_checkpoint(ckpt_path: str | Path | None, output_dir: str | Path) -> 
         return path
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+        best = best_checkpoint(path) if prefer_best else None
+        path = best or path / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; pass ckpt_path=<file.ckpt> or a run folder that has "

@@ -76,7 +76,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
 
 
 def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir, prefer_best=True)
     if ckpt_path is None:
         raise CheckpointError(
             "evaluation needs a checkpoint: pass ckpt_path=<file.ckpt or run folder>"
