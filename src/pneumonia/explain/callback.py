@@ -11,9 +11,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 
-from pneumonia.explain.figures import attribution_grid, close
+from pneumonia.explain.figures import describe
 from pneumonia.explain.methods import ClassScores, attribution_fn, explain
+from pneumonia.explain.raster import attribution_grid_image
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +124,21 @@ class AttributionMapsCallback(Callback):
             )
         epoch = trainer.current_epoch
         title = f"{self.method} ({self.target} class), {stage}, epoch {epoch}"
-        figure = attribution_grid(
-            pixels[:, 0].float().cpu().numpy(),
-            maps[:, 0].float().cpu().numpy(),
-            self.labels,
-            probabilities.float().cpu().tolist(),
-            title,
+        probabilities_list = probabilities.float().cpu().tolist()
+        captions = [
+            describe(y, p).replace(", ", "\n")
+            for y, p in zip(self.labels, probabilities_list, strict=True)
+        ]
+        grid = attribution_grid_image(
+            pixels[:, 0].float().cpu().numpy(), maps[:, 0].float().cpu().numpy(), captions, title
         )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(
-                    f"explanations/{self.method}/{stage}", figure, trainer.global_step
-                )
+                tag = f"explanations/{self.method}/{stage}"
+                logger.experiment.add_image(tag, grid, trainer.global_step, dataformats="HWC")
         if self.dirpath is not None:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            figure.savefig(self.dirpath / f"{stage}_epoch{epoch:03d}.png")
-        close(figure)
+            Image.fromarray(grid).save(self.dirpath / f"{stage}_epoch{epoch:03d}.png")
         self.seconds.append(time.perf_counter() - start)
         log.info("attribution maps for %s epoch %d took %.2f s", stage, epoch, self.seconds[-1])
         if self.dirpath is not None:  # lets benchmarks set the callback's cost against an epoch's
