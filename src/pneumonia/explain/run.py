@@ -185,7 +185,10 @@ def _trust(cfg, model, images, targets, labels, maps, device) -> dict[str, Any]:
                 seed=cfg.seed,
             )
             result["sanity"][method] = [
-                {"randomized_through": s.layer, "rank_correlation": s.mean_rank_correlation}
+                {
+                    "randomized_through": s.layer.removeprefix("classifier."),
+                    "rank_correlation": s.mean_rank_correlation,
+                }
                 for s in steps
             ]
     if trust_cfg.deletion:
