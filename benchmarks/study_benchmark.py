@@ -162,9 +162,11 @@ def bench_throughput(cfg: DictConfig, n_batches: int, repeats: int) -> dict:
 
     plain(), lightning()  # warm-up: allocator, oneDNN/cuDNN kernel selection
     rates = {"plain": [], "lightning": []}
-    for _ in range(repeats):
-        rates["plain"].append(plain())
-        rates["lightning"].append(lightning())
+    for repeat in range(repeats):
+        # Alternate which goes first, so drift (allocator state, other load) hits both alike.
+        order = (("plain", plain), ("lightning", lightning))
+        for name, measure in order if repeat % 2 == 0 else order[::-1]:
+            rates[name].append(measure())
     plain_rate = statistics.median(rates["plain"])
     lightning_rate = statistics.median(rates["lightning"])
     return {
@@ -269,7 +271,7 @@ def main() -> None:
     parser.add_argument(
         "--batches", type=int, default=40, help="batches per throughput measurement"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument(

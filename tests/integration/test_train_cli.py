@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import make_subset
 from tests.integration.conftest import train
@@ -43,7 +44,11 @@ def test_run_folder_holds_checkpoints_logs_and_metrics(short_run):
     assert "last.ckpt" in checkpoints and any(
         name.startswith("epoch00-bacc") for name in checkpoints
     )
-    assert list((short_run / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(short_run / "tensorboard")).Reload()
+    assert {"class_weight/NORMAL", "val/balanced_accuracy", "test/auroc"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert "val/confusion_matrix" in events.Tags()["images"]
     report = json.loads((short_run / "test_metrics.json").read_text())
     assert report["checkpoint"].endswith(".ckpt") and "last" not in report["checkpoint"]
     tn_fp, fn_tp = report["confusion_matrix"]

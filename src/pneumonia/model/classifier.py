@@ -103,6 +103,15 @@ class XrayClassifier(L.LightningModule):
             self.hparams.class_weights or [1.0, 1.0],
         )
 
+    def on_train_start(self) -> None:
+        # The weights in use belong next to the curves they shaped, not only in the log file.
+        weights = self.hparams.class_weights or [1.0, 1.0]
+        values = {
+            f"class_weight/{name}": float(w) for name, w in zip(CLASS_NAMES, weights, strict=True)
+        }
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, weighted: bool) -> torch.Tensor:
         weights = None
         if weighted and self.hparams.class_weights is not None:
