@@ -1,5 +1,7 @@
 """The attribution-map callback inside real (short) training, validation and testing."""
 
+import pickle
+
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -66,3 +68,17 @@ def test_validate_and_test_run_in_inference_mode(small_root, cache_dir, tmp_path
     trainer.test(module, datamodule=datamodule)
     names = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
     assert names == ["test_epoch000.png", "val_epoch000.png"]
+
+
+def test_callback_pickles_for_ddp_spawn_after_use(small_root, cache_dir, tmp_path):
+    datamodule, module, callback, trainer = _setup(small_root, cache_dir, tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.labels == callback.labels and clone.attribute is not None
+
+
+def test_a_failed_background_write_is_raised_not_lost(small_root, cache_dir, tmp_path):
+    (tmp_path / "maps").write_text("a file where the PNG folder should be")
+    datamodule, module, _, trainer = _setup(small_root, cache_dir, tmp_path)
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        trainer.validate(module, datamodule=datamodule)

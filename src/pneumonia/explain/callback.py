@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,8 @@ class AttributionMapsCallback(Callback):
     overlay, with label and predicted probability) to TensorBoard under ``explanations/<method>``
     and as ``<dirpath>/<stage>_epoch<NNN>.png``. It runs under ``trainer.fit`` (after validation),
     ``trainer.validate`` and ``trainer.test``; under DDP rank zero alone computes and writes.
+    The training loop only waits for the attribution; the grid is drawn and written by a background
+    thread, finished before the next grid and before fit/validate/test returns.
 
     Args:
         dirpath: folder for the PNGs (``None``: only TensorBoard).
@@ -58,10 +61,16 @@ class AttributionMapsCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.method = method
         self.target = target
-        self.attribute = attribution_fn(method, layer, interpolate_mode)
+        self.layer = layer
+        self.interpolate_mode = interpolate_mode
+        attribution_fn(method, layer, interpolate_mode)  # fail now on an unknown method
+        self._attribute = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         self.images: torch.Tensor | None = None  # (N, 1, H, W) uint8
         self.labels: list[int] = []
-        self.seconds: list[float] = []
+        self.seconds: list[float] = []  # paid by the training loop, per grid
+        self.background_seconds: list[float] = []  # drawing and writing, off the loop
 
     # ----- when ---------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -113,6 +122,7 @@ class AttributionMapsCallback(Callback):
         if not trainer.is_global_zero:
             return
         start = time.perf_counter()
+        self._wait_for_writes()  # at most one grid in flight
         if self.images is None:
             self._pick_images(trainer, stage)
         assert self.images is not None
@@ -123,23 +133,59 @@ class AttributionMapsCallback(Callback):
                 ClassScores(pl_module), pixels, self.attribute, self.target
             )
         epoch = trainer.current_epoch
-        title = f"{self.method} ({self.target} class), {stage}, epoch {epoch}"
-        probabilities_list = probabilities.float().cpu().tolist()
-        captions = [
-            describe(y, p).replace(", ", "\n")
-            for y, p in zip(self.labels, probabilities_list, strict=True)
-        ]
-        grid = attribution_grid_image(
-            pixels[:, 0].float().cpu().numpy(), maps[:, 0].float().cpu().numpy(), captions, title
-        )
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                tag = f"explanations/{self.method}/{stage}"
-                logger.experiment.add_image(tag, grid, trainer.global_step, dataformats="HWC")
-        if self.dirpath is not None:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(self.dirpath / f"{stage}_epoch{epoch:03d}.png")
+        job = {
+            "images": pixels[:, 0].float().cpu().numpy(),
+            "maps": maps[:, 0].float().cpu().numpy(),
+            "probabilities": probabilities.float().cpu().tolist(),
+            "stage": stage,
+            "epoch": epoch,
+            "step": trainer.global_step,
+            "tensorboards": [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)],
+        }
+        # Drawing and PNG encoding go to a background thread: the training loop only pays for the
+        # attribution itself (on a GPU the writing took longer than the attribution).
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attribution-maps")
+        self._pending = self._writer.submit(self._publish, job)
         self.seconds.append(time.perf_counter() - start)
         log.info("attribution maps for %s epoch %d took %.2f s", stage, epoch, self.seconds[-1])
-        if self.dirpath is not None:  # lets benchmarks set the callback's cost against an epoch's
-            (self.dirpath / "timings.json").write_text(json.dumps({"seconds": self.seconds}))
+
+    def _publish(self, job: dict) -> None:
+        start = time.perf_counter()
+        title = f"{self.method} ({self.target} class), {job['stage']}, epoch {job['epoch']}"
+        captions = [
+            describe(y, p).replace(", ", "\n")
+            for y, p in zip(self.labels, job["probabilities"], strict=True)
+        ]
+        grid = attribution_grid_image(job["images"], job["maps"], captions, title)
+        for logger in job["tensorboards"]:
+            tag = f"explanations/{self.method}/{job['stage']}"
+            logger.experiment.add_image(tag, grid, job["step"], dataformats="HWC")
+        if self.dirpath is not None:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(self.dirpath / f"{job['stage']}_epoch{job['epoch']:03d}.png")
+            self.background_seconds.append(time.perf_counter() - start)
+            # Lets benchmarks set the callback's cost against an epoch's.
+            timings = {"seconds": self.seconds, "background_seconds": self.background_seconds}
+            (self.dirpath / "timings.json").write_text(json.dumps(timings))
+
+    def _wait_for_writes(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failure of the background write here
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Finish writing before fit/validate/test returns, so every file exists afterwards."""
+        self._wait_for_writes()
+
+    def __getstate__(self) -> dict:
+        # ddp_spawn pickles callbacks; threads and closures do not pickle and are rebuilt lazily.
+        state = self.__dict__.copy()
+        state.update(_writer=None, _pending=None, _attribute=None)
+        return state
+
+    @property
+    def attribute(self):
+        if self._attribute is None:
+            self._attribute = attribution_fn(self.method, self.layer, self.interpolate_mode)
+        return self._attribute
