@@ -2,9 +2,12 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.model.classifier import XrayClassifier
@@ -45,11 +48,25 @@ def test_every_group_option_composes(compose_config, group, option):
     if group == "class_weighting":
         weights = instantiate(cfg.class_weighting)(torch.tensor([0, 1, 1, 1]).numpy())
         assert weights.shape == (2,)
+    if group == "scheduler":
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        node = {k: v for k, v in cfg.scheduler.items() if k != "interval"}
+        assert isinstance(
+            instantiate(node, optimizer=optimizer), torch.optim.lr_scheduler.LRScheduler
+        )
     if group in ("logger", "callbacks"):
         objects = [instantiate(node) for node in (cfg[group] or {}).values()]
-        assert all(obj is not None for obj in objects)
-    if group == "trainer":
-        assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+        kind = Logger if group == "logger" else Callback
+        assert all(isinstance(obj, kind) for obj in objects)
+        assert objects or option == "none"
+    if group == "trainer" and option in ("cpu", "default"):
+        assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
+    if group == "trainer" and option == "gpu":
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    if group == "trainer" and option == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    if group == "debug":
+        assert cfg.task_name == "debug"
 
 
 def test_the_data_and_the_model_follow_one_image_size(compose_config):

@@ -42,3 +42,11 @@ def test_missing_class_folder_is_named(data_root, tmp_path):
         image.unlink()
     with pytest.raises(DataLayoutError, match=r"no PNEUMONIA images found under .*one_class"):
         discover_images(root)
+
+
+def test_a_class_folder_itself_can_be_the_root(data_root, tmp_path):
+    root = make_subset(data_root, tmp_path / "subset", per_class=2, flat=True)
+    images = discover_images(root / "PNEUMONIA", require_both_classes=False)
+    assert [img.label for img in images] == [1, 1]
+    with pytest.raises(DataLayoutError, match="no NORMAL images"):
+        discover_images(root / "PNEUMONIA")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pneumonia.data.splits import write_split_csv
@@ -42,3 +44,11 @@ def test_nothing_to_explain_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .jpeg, .jpg or .png images under"):
         collect_images(tmp_path / "empty", tmp_path / "m.ckpt", tmp_path)
+
+
+def test_classes_are_interleaved_so_any_prefix_has_both():
+    from pneumonia.explain.inputs import ImageToExplain
+    from pneumonia.explain.run import _interleave_classes
+
+    items = [ImageToExplain(Path(f"n{i}"), 0) for i in range(3)] + [ImageToExplain(Path("p0"), 1)]
+    assert [i.path.name for i in _interleave_classes(items)] == ["n0", "p0", "n1", "n2"]

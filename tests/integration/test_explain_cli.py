@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def explained(short_run, small_root, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("explained") / "out"
     result = explain(
-        f"ckpt_path={short_run}", f"data_root={small_root}", f"run_dir={out}", "max_images=6", "trust.images=4",
+        f"ckpt_path={short_run}", f"run_dir={out}", "max_images=6", "trust.images=4",
         cache_dir=cache_dir,
     )  # fmt: skip
     return out, result

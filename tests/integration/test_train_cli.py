@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ def test_run_folder_holds_checkpoints_logs_and_metrics(short_run):
     assert checkpoint["hyper_parameters"]["image_size"] == 64
 
 
-def test_resume_in_place_from_the_last_checkpoint(short_run, small_root, cache_dir):
+def test_resume_in_place_from_the_last_checkpoint(short_run, small_root, cache_dir, tmp_path):
+    short_run = shutil.copytree(short_run, tmp_path / "run")  # leave the shared run as it was
     before = torch.load(
         short_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
@@ -73,12 +75,16 @@ def test_resume_in_place_from_the_last_checkpoint(short_run, small_root, cache_d
         "ckpt_path=last",
         cache_dir=cache_dir,
     )
-    assert "Restoring states from the checkpoint path" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"Restored all states from the checkpoint at {short_run}/checkpoints/last.ckpt" in output
+    resumed = output[output.index("Restored all states") :]
+    # Only the second epoch ran after restoring, continuing the step count of the first.
+    assert "attribution maps for val epoch 1" in resumed and "val epoch 0" not in resumed
     after = torch.load(
         short_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
-    assert after["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 2
     assert after["global_step"] == 2 * before["global_step"]
+    assert sorted(p.name for p in (short_run / "checkpoints").glob("last*")) == ["last.ckpt"]
 
 
 def test_resume_with_another_architecture_is_refused(short_run, small_root, cache_dir):
@@ -168,7 +174,28 @@ def test_ddp_on_two_cpu_processes_with_rank_zero_writing(small_root, cache_dir, 
     log = (run_dir / "debug.log").read_text()
     assert "[rank: 1]" in log  # the second process ran and logs into the same run folder
     assert log.count("attribution maps for") == 3  # 2 validation epochs + the test, rank zero only
-    assert json.loads((run_dir / "test_metrics.json").read_text())["images"] > 0
+    test_rows = sum(
+        line.endswith(",test") for line in (run_dir / "split.csv").read_text().splitlines()
+    )
+    assert test_rows % 2 == 1  # odd: the default sampler would repeat one image to even out ranks
+    assert json.loads((run_dir / "test_metrics.json").read_text())["images"] == test_rows
     assert sorted(p.name for p in (run_dir / "explanations").glob("*.png")) == [
         "test_epoch002.png", "val_epoch000.png", "val_epoch001.png",
     ]  # fmt: skip
+
+
+def test_ddp_spawn_keeps_statistics_scores_and_the_test_report(small_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "spawn"
+    train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.strategy=ddp_spawn", "callbacks.attribution_maps.num_images=2", f"run_dir={run_dir}",
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    report = json.loads((run_dir / "test_metrics.json").read_text())  # written inside the workers
+    assert report["best_val_score"] is not None and report["checkpoint"].endswith(".ckpt")
+    hparams = torch.load(report["checkpoint"], map_location="cpu", weights_only=True)[
+        "hyper_parameters"
+    ]
+    assert hparams["pixel_std"] != 0.25 and hparams["data_root"] == str(
+        small_root
+    )  # not the defaults

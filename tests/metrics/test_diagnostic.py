@@ -56,5 +56,8 @@ def test_single_class_gives_nan_auroc_not_a_crash():
     values = metrics.compute()
     assert math.isnan(float(values["auroc"]))
     assert float(values["specificity"]) == 0.0  # undefined -> 0, as scikit-learn's zero_division=0
+    # Balanced accuracy averages the classes present, as scikit-learn does: here the recall alone.
+    assert float(values["balanced_accuracy"]) == float(values["recall"]) == 0.5
+    assert balanced_accuracy_score([1, 1], [0, 1]) == 0.5
     metrics.reset()
     assert metrics.confusion_matrix().sum() == 0

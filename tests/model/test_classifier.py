@@ -107,3 +107,17 @@ def test_scheduler_config_is_wired():
     assert isinstance(
         config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR
     )
+
+
+@pytest.mark.parametrize(
+    ("role", "config"),
+    [
+        ("net", {"_target_": "builtins.print", "_args_": ["pwned"]}),
+        ("optimizer", {"_target_": "os.system", "_args_": ["true"]}),
+    ],
+)
+def test_a_checkpoint_cannot_name_arbitrary_callables(role, config, capsys):
+    kwargs = {"net": NET, "optimizer": ADAM, role: config}
+    with pytest.raises(ValueError, match=f"{role} _target_ .* is not allowed"):
+        XrayClassifier(image_size=32, **kwargs)
+    assert "pwned" not in capsys.readouterr().out

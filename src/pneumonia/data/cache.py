@@ -37,6 +37,16 @@ class CachedImages:
     paths: tuple[str, ...]
     failures: dict[str, str]  # path -> error message
 
+    def __reduce__(self):
+        # Pickling a memmap copies the whole array (ddp_spawn pickles the DataModule); reopen instead.
+        return (_reopen, (str(self.pixels.filename), self.valid, self.paths, self.failures))
+
+
+def _reopen(
+    pixels_path: str, valid: np.ndarray, paths: tuple[str, ...], failures: dict[str, str]
+) -> CachedImages:
+    return CachedImages(np.load(pixels_path, mmap_mode="r"), valid, paths, failures)
+
 
 def cache_key(paths: Sequence[str | Path], image_size: int) -> str:
     """Key that changes when any file is added, removed, resized on disk or touched, or the size changes."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from pneumonia import CLASS_NAMES
@@ -42,6 +43,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         decode_workers: processes decoding JPEGs when the cache is built (default: all cores).
         split_csv: if set, the split is written there as ``path,label,patient,split``.
         pin_memory: pin batches for faster host-to-GPU copies.
+        require_both_classes: refuse a root without NORMAL or without PNEUMONIA images (training
+            needs both; evaluating a one-class folder does not).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         decode_workers: int | None = None,
         split_csv: str | Path | None = None,
         pin_memory: bool = False,
+        require_both_classes: bool = True,
     ) -> None:
         super().__init__()
         if group_by not in GROUPINGS:
@@ -78,6 +82,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.decode_workers = decode_workers
         self.split_csv = Path(split_csv) if split_csv else None
         self.pin_memory = bool(pin_memory)
+        self.require_both_classes = bool(require_both_classes)
 
         self.images: list[LabelledImage] = []
         self.cache: CachedImages | None = None
@@ -108,7 +113,7 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def _load_cache(self) -> CachedImages:
         if self.cache is None:
-            self.images = discover_images(self.root)
+            self.images = discover_images(self.root, require_both_classes=self.require_both_classes)
             self.cache = build_or_load(
                 [img.path for img in self.images],
                 self.image_size,
@@ -181,10 +186,20 @@ class ChestXrayDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        sampler = None
+        trainer = self.trainer
+        if split != "train" and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads evaluation sets by repeating images, which
+            # would count them twice in the confusion matrix; this one gives every image exactly once.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -39,12 +39,12 @@ class LabelledImage:
     patient: str
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     # macOS archives ship "__MACOSX/" trees and "._name.jpeg" resource forks next to real images.
     return name.startswith(".") or name == "__MACOSX"
 
 
-def discover_images(root: str | Path) -> list[LabelledImage]:
+def discover_images(root: str | Path, require_both_classes: bool = True) -> list[LabelledImage]:
     """List every image below ``root`` whose path contains a ``NORMAL`` or ``PNEUMONIA`` folder.
 
     Files with the same name and byte size found twice (Kaggle's archive holds a second copy of the
@@ -52,7 +52,8 @@ def discover_images(root: str | Path) -> list[LabelledImage]:
     not depend on the order the file system lists folders in.
 
     Raises:
-        DataLayoutError: ``root`` is missing, or holds no image for one of the two classes.
+        DataLayoutError: ``root`` is missing, holds no labelled image, or (``require_both_classes``)
+            holds none of one class.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -64,13 +65,13 @@ def discover_images(root: str | Path) -> list[LabelledImage]:
     seen: set[tuple[str, int]] = set()
     duplicates = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        rel_parts = Path(dirpath).relative_to(root).parts
-        label = _label_of(rel_parts)
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        # The root's own name counts too: data.root=<...>/NORMAL is a folder of NORMAL images.
+        label = label_of((root.name, *Path(dirpath).relative_to(root).parts))
         if label is None:
             continue
         for name in sorted(filenames):
-            if _is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = Path(dirpath, name)
             key = (name, path.stat().st_size)
@@ -83,7 +84,7 @@ def discover_images(root: str | Path) -> list[LabelledImage]:
         log.info("skipped %d files that repeat another file's name and size", duplicates)
     counts = [sum(img.label == k for img in found) for k in range(len(CLASS_NAMES))]
     missing = [name for name, n in zip(CLASS_NAMES, counts, strict=True) if n == 0]
-    if missing:
+    if len(missing) == len(CLASS_NAMES) or (missing and require_both_classes):
         raise DataLayoutError(
             f"no {' or '.join(missing)} images found under {root}; {EXPECTED_LAYOUT}."
         )
@@ -91,7 +92,7 @@ def discover_images(root: str | Path) -> list[LabelledImage]:
     return found
 
 
-def _label_of(rel_parts: tuple[str, ...]) -> int | None:
+def label_of(rel_parts: tuple[str, ...]) -> int | None:
     """Label of a folder from the nearest NORMAL/PNEUMONIA folder among its parts, if any."""
     for part in reversed(rel_parts):
         upper = part.upper()

@@ -68,6 +68,7 @@ class AttributionMapsCallback(Callback):
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.images: torch.Tensor | None = None  # (N, 1, H, W) uint8
+        self.images_split = "val"
         self.labels: list[int] = []
         self.seconds: list[float] = []  # paid by the training loop, per grid
         self.background_seconds: list[float] = []  # drawing and writing, off the loop
@@ -83,12 +84,18 @@ class AttributionMapsCallback(Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._draw(trainer, pl_module, "test")
 
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self._draw_on_rank_zero(trainer, pl_module, stage)
+        # Other ranks wait here rather than run ahead: with ddp_spawn on gloo, a rank that reached
+        # the end of fit while rank zero was still attributing aborted at exit ("terminate called
+        # without an active exception") in about a third of runs.
+        trainer.strategy.barrier("attribution_maps")
+
     # ----- what ---------------------------------------------------------------------------
     def _pick_images(self, trainer: L.Trainer, stage: str) -> None:
-        dataset = self._dataset(trainer, stage)
-        known = getattr(
-            dataset, "labels", None
-        )  # our datasets expose labels without loading pixels
+        dataset, self.images_split = self._dataset(trainer, stage)
+        known = getattr(dataset, "labels", None)  # ours exposes labels without loading pixels
         labels = (
             [int(y) for y in known]
             if known is not None
@@ -107,20 +114,21 @@ class AttributionMapsCallback(Callback):
         self.labels = [int(y) for _, y in items]
 
     @staticmethod
-    def _dataset(trainer: L.Trainer, stage: str):
+    def _dataset(trainer: L.Trainer, stage: str) -> tuple:
+        """The dataset to draw from and its split: validation images whenever there are any."""
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "dataset"):
             try:
-                return datamodule.dataset("val")
+                return datamodule.dataset("val"), "val"
             except ValueError:  # no validation split (e.g. evaluating every image as test)
-                return datamodule.dataset(stage)
+                return datamodule.dataset(stage), stage
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-        return loader.dataset
+        return loader.dataset, stage
 
-    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
+    def _draw_on_rank_zero(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str
+    ) -> None:
         start = time.perf_counter()
         self._wait_for_writes()  # at most one grid in flight
         if self.images is None:
@@ -137,6 +145,7 @@ class AttributionMapsCallback(Callback):
             "images": pixels[:, 0].float().cpu().numpy(),
             "maps": maps[:, 0].float().cpu().numpy(),
             "probabilities": probabilities.float().cpu().tolist(),
+            "threshold": float(getattr(pl_module, "hparams", {}).get("threshold", 0.5)),
             "stage": stage,
             "epoch": epoch,
             "step": trainer.global_step,
@@ -152,9 +161,12 @@ class AttributionMapsCallback(Callback):
 
     def _publish(self, job: dict) -> None:
         start = time.perf_counter()
-        title = f"{self.method} ({self.target} class), {job['stage']}, epoch {job['epoch']}"
+        title = (
+            f"{self.method} ({self.target} class) of {self.images_split} images, "
+            f"{job['stage']}, epoch {job['epoch']}"
+        )
         captions = [
-            describe(y, p).replace(", ", "\n")
+            describe(y, p, job["threshold"]).replace(", ", "\n")
             for y, p in zip(self.labels, job["probabilities"], strict=True)
         ]
         grid = attribution_grid_image(job["images"], job["maps"], captions, title)
@@ -176,7 +188,12 @@ class AttributionMapsCallback(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Finish writing before fit/validate/test returns, so every file exists afterwards."""
-        self._wait_for_writes()
+        try:
+            self._wait_for_writes()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
 
     def __getstate__(self) -> dict:
         # ddp_spawn pickles callbacks; threads and closures do not pickle and are rebuilt lazily.

@@ -2,8 +2,8 @@
 
 - :func:`study_figure`: the study's Figure 3 for one image: the attribution with sign ``all``,
   ``positive``, ``negative`` and ``absolute_value``, each alone and blended over the X-ray.
-- :func:`attribution_grid`: a sheet across images (X-ray, signed attribution, overlay), used by the
-  per-epoch callback and as ``explain.py``'s summary.
+- :func:`attribution_grid`: a sheet across images (X-ray, signed attribution, overlay): ``explain.py``'s
+  summary. The per-epoch callback draws the same layout without matplotlib (:mod:`.raster`).
 
 Captum refuses to draw an all-zero map ("Cannot normalize by scale factor = 0"); such panels are
 drawn as the X-ray with a note instead of failing the whole figure.
@@ -64,9 +64,9 @@ def draw_attribution(
     ax.axis("off")
 
 
-def describe(label: int | None, probability: float) -> str:
+def describe(label: int | None, probability: float, threshold: float = 0.5) -> str:
     """``true NORMAL, pred PNEUMONIA (p=0.93)``; p is the probability of PNEUMONIA."""
-    predicted = CLASS_NAMES[int(probability >= 0.5)]
+    predicted = CLASS_NAMES[int(probability >= threshold)]
     truth = f"true {CLASS_NAMES[label]}, " if label is not None and label >= 0 else ""
     return f"{truth}pred {predicted} (p={probability:.2f})"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.discovery import IMAGE_SUFFIXES
+from pneumonia.data.discovery import IMAGE_SUFFIXES, is_hidden, label_of
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,7 @@ class ImageToExplain:
 
 
 def _label_from_path(path: Path) -> int | None:
-    for part in reversed(path.parent.parts):
-        if part.upper() in CLASS_NAMES:
-            return CLASS_NAMES.index(part.upper())
-    return None
+    return label_of(path.parent.parts)
 
 
 def _from_split_csv(csv_path: Path, data_root: Path, split: str = "test") -> list[ImageToExplain]:
@@ -78,9 +75,9 @@ def collect_images(
     if path.is_dir():
         found = []
         for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
             for name in sorted(filenames):
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                     file = Path(dirpath, name)
                     found.append(ImageToExplain(file, _label_from_path(file)))
         if found:

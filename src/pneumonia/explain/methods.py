@@ -161,7 +161,6 @@ def attribution_fn(
     return attribute
 
 
-@torch.no_grad()
 def class_scores(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Scores ``(B, 2)`` of a class model in eval mode (its mode is restored)."""
     with attribution_mode(model), torch.no_grad():

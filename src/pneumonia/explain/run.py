@@ -76,10 +76,11 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         )
     log.info("explaining %s (%dpx)", ckpt_path, trained_size)
 
-    data_root = Path(cfg.data_root)
+    # A run's split.csv holds paths relative to the data it was trained on, which the checkpoint records.
+    data_root = Path(cfg.data_root or hparams.get("data_root") or cfg.fallback_data_root)
     items = collect_images(cfg.images, ckpt_path, data_root)
-    if cfg.max_images and len(items) > cfg.max_images:
-        items = _balanced_subset(items, cfg.max_images)
+    # Classes interleaved, so a capped set, the summary sheet and the trust checks see both.
+    items = _interleave_classes(items)[: cfg.max_images or None]
     pixels, items, failures = load_pixels(items, trained_size)
     images = torch.from_numpy(pixels).unsqueeze(1).float().div(255.0)
     labels = [item.label for item in items]
@@ -115,8 +116,17 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         images=pixels,
         **{f"maps_{method}": m[:, 0].numpy().astype(np.float32) for method, m in maps.items()},
     )
+    threshold = float(hparams.get("threshold", 0.5))
     _write_figures(
-        cfg, output_dir, images, maps[cfg.figure_method], labels, probabilities, targets, items
+        cfg,
+        output_dir,
+        images,
+        maps[cfg.figure_method],
+        labels,
+        probabilities,
+        targets,
+        items,
+        threshold,
     )
     trust = _trust(cfg, model, images, targets, labels, maps, device)
     report = {
@@ -132,26 +142,24 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def _balanced_subset(items: list[ImageToExplain], count: int) -> list[ImageToExplain]:
-    """The first images of each class in turn, so a capped set still shows both classes."""
+def _interleave_classes(items: list[ImageToExplain]) -> list[ImageToExplain]:
+    """The images of each label in turn (first of each, then second of each, ...), order kept within."""
     by_label: dict[int | None, list[ImageToExplain]] = {}
     for item in items:
         by_label.setdefault(item.label, []).append(item)
     queues = list(by_label.values())
-    chosen: list[ImageToExplain] = []
-    while len(chosen) < count:
-        for queue in queues:
-            if queue and len(chosen) < count:
-                chosen.append(queue.pop(0))
-    return chosen
+    longest = max(len(queue) for queue in queues)
+    return [queue[i] for i in range(longest) for queue in queues if i < len(queue)]
 
 
-def _write_figures(cfg, output_dir, images, maps, labels, probabilities, targets, items) -> None:
+def _write_figures(
+    cfg, output_dir, images, maps, labels, probabilities, targets, items, threshold
+) -> None:
     figure_dir = output_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
     for i, item in enumerate(tqdm(items, desc="drawing figures", unit="img")):
         title = (
-            f"{item.path.name}: {describe(labels[i], float(probabilities[i]))}; "
+            f"{item.path.name}: {describe(labels[i], float(probabilities[i]), threshold)}; "
             f"{cfg.figure_method} for {CLASS_NAMES[int(targets[i])]}"
         )
         fig = study_figure(images[i, 0].numpy(), maps[i, 0].numpy(), title, signs=list(cfg.signs))

@@ -37,8 +37,13 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     recall = _ratio(tp, tp + fn)
     specificity = _ratio(tn, tn + fp)
     precision = _ratio(tp, tp + fp)
+    # Mean recall over the classes present, as scikit-learn's balanced_accuracy_score: a split with
+    # no NORMAL image must not score half its sensitivity.
+    present = torch.stack([tn + fp > 0, tp + fn > 0]).double()
+    rates = torch.stack([specificity, recall])
+    balanced = (rates * present).sum() / present.sum().clamp(min=1)
     return {
-        "balanced_accuracy": (recall + specificity) / 2,
+        "balanced_accuracy": balanced,
         "precision": precision,
         "recall": recall,
         "specificity": specificity,

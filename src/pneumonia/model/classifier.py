@@ -25,6 +25,27 @@ from pneumonia.metrics.diagnostic import DiagnosticMetrics
 log = logging.getLogger(__name__)
 
 
+# A checkpoint names the classes that rebuild its network and optimiser. Only these prefixes are
+# instantiated, so loading someone else's checkpoint cannot call an arbitrary function.
+ALLOWED_TARGETS: dict[str, tuple[str, ...]] = {
+    "net": ("pneumonia.", "torchvision.models.", "torch.nn."),
+    "optimizer": ("torch.optim.",),
+    "scheduler": ("torch.optim.lr_scheduler.",),
+}
+
+
+def check_target(role: str, config: Mapping[str, Any] | None) -> None:
+    """Refuse a ``_target_`` outside ``ALLOWED_TARGETS[role]`` (extend that dict for your own code)."""
+    if not config:
+        return
+    target = str(config.get("_target_", ""))
+    if not target.startswith(ALLOWED_TARGETS[role]):
+        raise ValueError(
+            f"{role} _target_ {target!r} is not allowed; it must start with one of {ALLOWED_TARGETS[role]} "
+            "(add your package to pneumonia.model.classifier.ALLOWED_TARGETS to use it)"
+        )
+
+
 def to_plain(value: Any) -> Any:
     """A DictConfig/ListConfig (resolved) as plain dicts and lists; anything else unchanged."""
     if isinstance(value, DictConfig | ListConfig):
@@ -47,6 +68,8 @@ class XrayClassifier(L.LightningModule):
         threshold: probability at or above which a prediction is PNEUMONIA.
         channels_last: run convolutions in NHWC memory layout (about 1.4x faster on CPU with oneDNN,
             and the layout tensor cores want); results are the same.
+        data_root: the data the model was fitted on; filled when fitting, so ``explain.py`` can find
+            the images of a run's ``split.csv``.
     """
 
     def __init__(
@@ -60,11 +83,14 @@ class XrayClassifier(L.LightningModule):
         pixel_std: float = 0.25,
         threshold: float = 0.5,
         channels_last: bool = True,
+        data_root: str | None = None,
     ) -> None:
         super().__init__()
         net, optimizer, scheduler, class_weights = map(
             to_plain, (net, optimizer, scheduler, class_weights)
         )
+        for role, config in (("net", net), ("optimizer", optimizer), ("scheduler", scheduler)):
+            check_target(role, config)
         # Hyperparameters are logged by the run itself, together with the metrics they produced.
         self.save_hyperparameters(logger=False)
         self.net: nn.Module = instantiate(net)
@@ -92,12 +118,25 @@ class XrayClassifier(L.LightningModule):
         return torch.sigmoid(self(images))
 
     # ----- loss -------------------------------------------------------------------------------
+    def adopt_data_statistics(self, datamodule: Any) -> None:
+        """Take class weights, pixel statistics and the data root from a set-up DataModule.
+
+        ``train.py`` calls this before fitting, in the launching process: with ``ddp_spawn`` what
+        ``on_fit_start`` changes in the workers never comes back, and testing would preprocess with
+        the defaults.
+        """
+        if getattr(datamodule, "class_weights", None) is None:
+            return
+        self.hparams.class_weights = [float(w) for w in datamodule.class_weights]
+        self.hparams.pixel_mean = float(datamodule.pixel_mean)
+        self.hparams.pixel_std = float(datamodule.pixel_std)
+        if getattr(datamodule, "root", None) is not None:
+            self.hparams.data_root = str(datamodule.root)
+
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and getattr(datamodule, "class_weights", None) is not None:
-            self.hparams.class_weights = [float(w) for w in datamodule.class_weights]
-            self.hparams.pixel_mean = float(datamodule.pixel_mean)
-            self.hparams.pixel_std = float(datamodule.pixel_std)
+        if datamodule is not None:
+            self.adopt_data_statistics(datamodule)
         log.info(
             "training with class weights %s (NORMAL, PNEUMONIA)",
             self.hparams.class_weights or [1.0, 1.0],

@@ -37,6 +37,17 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def recorded_score(path: str | Path) -> float | None:
+    """The monitored score a ModelCheckpoint recorded when it saved ``path`` (``None`` if absent)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(value, dict):
+            score = value.get("best_model_score")
+            if score is not None:
+                return float(score)
+    return None
+
+
 def resolve_checkpoint(
     ckpt_path: str | Path | None, output_dir: str | Path, prefer_best: bool = False
 ) -> Path | None:

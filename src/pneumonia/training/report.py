@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import Callback
 
 from pneumonia import CLASS_NAMES
 from pneumonia.metrics.diagnostic import METRIC_NAMES
@@ -35,3 +37,34 @@ def write_test_report(output_dir: str | Path, report: dict[str, Any], stem: str 
 
     plt.close(figure)
     return json_path
+
+
+class TestReportWriter(Callback):
+    """Writes ``test_metrics.json`` and the confusion matrix where the test ran (rank zero).
+
+    Under ``ddp_spawn`` the test runs in worker processes whose module never comes back, so the
+    report is written there, not by the launching process.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = getattr(pl_module, "test_report", None)
+        if report is None or not trainer.is_global_zero:
+            return
+        extra = {
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "class_weights": pl_module.hparams.get("class_weights"),
+        }
+        write_test_report(self.output_dir, {**report, **extra})
+
+
+def add_to_test_report(
+    output_dir: str | Path, extra: dict[str, Any], stem: str = "test"
+) -> dict[str, Any]:
+    """Merge ``extra`` into ``<stem>_metrics.json`` and return the whole report."""
+    path = Path(output_dir) / f"{stem}_metrics.json"
+    report = {**json.loads(path.read_text()), **extra}
+    path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    return report

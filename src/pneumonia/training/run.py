@@ -16,8 +16,13 @@ from omegaconf import DictConfig
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.model.classifier import XrayClassifier, to_plain
-from pneumonia.training.checkpoints import CheckpointError, read_hyperparameters, resolve_checkpoint
-from pneumonia.training.report import format_metrics_table, write_test_report
+from pneumonia.training.checkpoints import (
+    CheckpointError,
+    read_hyperparameters,
+    recorded_score,
+    resolve_checkpoint,
+)
+from pneumonia.training.report import TestReportWriter, add_to_test_report, format_metrics_table
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +31,9 @@ def run(cfg: DictConfig) -> float | None:
     """Run the task the config describes and return the optimised metric (for sweepers).
 
     ``cfg.fit`` true: train, then (``cfg.test``) test the best checkpoint on the test split; returns
-    the best validation balanced accuracy. ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on every
-    image of ``cfg.data.root``; returns that test balanced accuracy.
+    the best validation balanced accuracy. ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on the test
+    split of ``cfg.data`` (``conf/eval.yaml`` makes every image a test image); returns that test
+    balanced accuracy.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -47,32 +53,43 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
     if ckpt_path is not None:
         _check_same_model(ckpt_path, module)
         log.info("resuming from %s", ckpt_path)
-    callbacks = _instantiate_all(cfg.get("callbacks"), Callback)
+    # Set the data up here, in the launching process: an empty test split fails before 15 epochs
+    # of training, and the statistics reach the module even when ddp_spawn trains in workers.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if cfg.get("test", True):
+        datamodule.dataset("test")
+    module.adopt_data_statistics(datamodule)
+
+    callbacks = [*_instantiate_all(cfg.get("callbacks"), Callback), TestReportWriter(output_dir)]
     loggers = _instantiate_all(cfg.get("logger"), Logger)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _log_hyperparameters(trainer.loggers, cfg)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    checkpoint = (
-        trainer.checkpoint_callback
-        if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
-        else None
-    )
-    score = _as_float(checkpoint.best_model_score) if checkpoint is not None else None
-    if score is None:
-        score = _as_float(trainer.callback_metrics.get(cfg.optimized_metric))
+    checkpoint = trainer.checkpoint_callback
+    if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
+        checkpoint = None
+    score = _best_score(trainer, checkpoint, cfg.optimized_metric)
     if cfg.get("test", True):
-        best = (
-            checkpoint.best_model_path
-            if checkpoint is not None and checkpoint.best_model_path
-            else None
-        )
+        best = checkpoint.best_model_path if checkpoint is not None else None
         if best is None:
             log.warning("no best checkpoint was saved (fast_dev_run?); testing the current weights")
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-        _report(trainer, module, output_dir, extra={"checkpoint": best, "best_val_score": score})
+        _print_report(trainer, output_dir, {"best_val_score": score})
     return score
+
+
+def _best_score(
+    trainer: L.Trainer, checkpoint: ModelCheckpoint | None, metric: str
+) -> float | None:
+    """The sweeper's score: the best checkpoint's value when it monitors ``metric``, else the last."""
+    if checkpoint is not None and checkpoint.monitor == metric:
+        # ddp_spawn sends back the best path but not the score; the checkpoint file records it.
+        score = _as_float(checkpoint.best_model_score)
+        return score if score is not None else recorded_score(checkpoint.best_model_path)
+    return _as_float(trainer.callback_metrics.get(metric))
 
 
 def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
@@ -87,29 +104,26 @@ def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
     log.info(
         "evaluating %s (trained at %dpx) on every image of %s", ckpt_path, image_size, cfg.data.root
     )
-    datamodule: ChestXrayDataModule = instantiate(
-        cfg.data, image_size=image_size, split_fractions=[0.0, 0.0, 1.0]
-    )
+    datamodule: ChestXrayDataModule = instantiate(cfg.data, image_size=image_size)
     loggers = _instantiate_all(cfg.get("logger"), Logger)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    callbacks = [TestReportWriter(output_dir)]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainer.test(module, datamodule=datamodule)
-    report = _report(
-        trainer,
-        module,
-        output_dir,
-        extra={"checkpoint": str(ckpt_path), "data_root": str(cfg.data.root)},
+    report = _print_report(
+        trainer, output_dir, {"checkpoint": str(ckpt_path), "data_root": str(cfg.data.root)}
     )
     return report["metrics"]["balanced_accuracy"] if report else None
 
 
-def _report(trainer: L.Trainer, module: XrayClassifier, output_dir: Path, extra: dict[str, Any]):
-    report = module.test_report
-    if report is None or not trainer.is_global_zero:
-        return report
-    report = {**report, **extra, "class_weights": module.hparams.class_weights}
-    path = write_test_report(output_dir, report)
+def _print_report(
+    trainer: L.Trainer, output_dir: Path, extra: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Add what only the launching process knows to the report the test wrote, and print it."""
+    if not trainer.is_global_zero:
+        return None
+    report = add_to_test_report(output_dir, extra)
     print("\n" + format_metrics_table(report["metrics"]) + "\n")
-    print(f"run folder: {output_dir}\ntest metrics: {path}")
+    print(f"run folder: {output_dir}\ntest metrics: {output_dir / 'test_metrics.json'}")
     return report
 
 
