@@ -116,7 +116,8 @@ def _build(
     )
     failures: dict[str, str] = {}
     jobs = [(p, image_size) for p in paths]
-    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    # The CPUs this process may use, not the machine's: a CPU-limited container has fewer.
+    workers = num_workers if num_workers is not None else len(os.sched_getaffinity(0))
     bar = tqdm(
         total=len(jobs), desc=f"decoding images at {image_size}px", unit="img", disable=not progress
     )

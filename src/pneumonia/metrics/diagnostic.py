@@ -82,8 +82,9 @@ class DiagnosticMetrics(nn.Module):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """All of ``METRIC_NAMES`` as float64 scalars."""
-        values = metrics_from_confusion(self.confusion_matrix())
-        both_classes = bool((self.confusion_matrix().sum(dim=1) > 0).all())
+        confusion = self.confusion_matrix()
+        values = metrics_from_confusion(confusion)
+        both_classes = bool((confusion.sum(dim=1) > 0).all())
         # AUROC is undefined with one class present; report NaN rather than torchmetrics' warning and 0.
         values["auroc"] = (
             self.auroc.compute().double()
