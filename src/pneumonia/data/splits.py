@@ -8,6 +8,7 @@ every image of a patient lands in the same split. ``group_by="image"`` reproduce
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,9 +83,12 @@ def write_split_csv(
     """Write one row per image (path, label, patient, split) so a split can be audited or reused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    # Written aside and renamed: under DDP every process may write the same split at once.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "patient", "split"])
         for row in zip(image_paths, labels, patients, splits, strict=True):
             image_path, label, patient, split = row
             writer.writerow([str(image_path), class_names[int(label)], patient, split])
+    os.replace(partial, path)
