@@ -12,30 +12,13 @@ scores ``(B, 2)`` whose sigmoid is the probability of each class, attributions `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
+from pneumonia.explain.methods import eval_mode
+
 Baseline = float | str
 """A fill value for removed pixels, or ``"mean"`` for each image's own mean intensity."""
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule of ``model`` in eval mode, then restore each one's own previous mode.
-
-    ``model.train(previous)`` would not do: it overwrites a mix of modes (e.g. a frozen, eval-mode
-    backbone inside a training model) with a single flag.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _pixel_count(images: torch.Tensor) -> int:

@@ -19,10 +19,6 @@ class ImageToExplain:
     label: int | None
 
 
-def _label_from_path(path: Path) -> int | None:
-    return label_of(path.parent.parts)
-
-
 def _from_split_csv(csv_path: Path, data_root: Path, split: str = "test") -> list[ImageToExplain]:
     with csv_path.open(newline="") as f:
         rows = [row for row in csv.DictReader(f) if row["split"] == split]
@@ -71,7 +67,7 @@ def collect_images(
     if path.is_dir() and (path / "split.csv").is_file():
         return _from_split_csv(path / "split.csv", data_root)
     if path.is_file():
-        return [ImageToExplain(path, _label_from_path(path))]
+        return [ImageToExplain(path, label_of(path.parent.parts))]
     if path.is_dir():
         found = []
         for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
@@ -79,7 +75,7 @@ def collect_images(
             for name in sorted(filenames):
                 if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                     file = Path(dirpath, name)
-                    found.append(ImageToExplain(file, _label_from_path(file)))
+                    found.append(ImageToExplain(file, label_of(file.parent.parts)))
         if found:
             return found
         raise FileNotFoundError(f"no .jpeg, .jpg or .png images under {path}")

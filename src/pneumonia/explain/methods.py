@@ -84,6 +84,22 @@ def resolve_targets(target: str | int, scores: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule of ``model`` in eval mode, then restore each one's own previous mode.
+
+    ``model.train(previous)`` would not do: it overwrites a mix of modes (e.g. a frozen, eval-mode
+    backbone inside a training model) with a single flag.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
 def attribution_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout noise), no in-place activations, gradients on; all restored afterwards.
 
@@ -91,23 +107,24 @@ def attribution_mode(model: nn.Module) -> Iterator[None]:
     ``torch.inference_mode`` (``trainer.validate``/``trainer.test``); tensors made inside are normal
     tensors. Captum's warning about hooking activations is expected here and silenced.
     """
-    training = [(m, m.training) for m in model.modules()]
     inplace = [
         (m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)
     ]
-    model.eval()
     for module, _ in inplace:
         module.inplace = False
     try:
-        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        with (
+            eval_mode(model),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            warnings.catch_warnings(),
+        ):
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
             warnings.filterwarnings(
                 "ignore", message=".*Input Tensor 0 did not already require gradients"
             )
             yield
     finally:
-        for module, was_training in training:
-            module.training = was_training
         for module, was_inplace in inplace:
             module.inplace = was_inplace
 

@@ -15,6 +15,15 @@ class CheckpointError(ValueError):
     """A checkpoint path that does not lead to a loadable pneumonia checkpoint."""
 
 
+def _model_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The ModelCheckpoint callback's saved state in a checkpoint file (empty if it has none)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and isinstance(value, dict):
+            return value
+    return {}
+
+
 def best_checkpoint(run_dir: str | Path) -> Path | None:
     """The best checkpoint of a run folder, as its ``last.ckpt``'s ModelCheckpoint state records it.
 
@@ -24,28 +33,15 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     last = folder / "last.ckpt"
     if not last.is_file():
         return None
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    for key, value in state.get("callbacks", {}).items():
-        if (
-            key.startswith("ModelCheckpoint")
-            and isinstance(value, dict)
-            and value.get("best_model_path")
-        ):
-            candidate = folder / Path(value["best_model_path"]).name
-            if candidate.is_file():
-                return candidate
-    return None
+    recorded = _model_checkpoint_state(last).get("best_model_path")
+    candidate = folder / Path(recorded).name if recorded else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 def recorded_score(path: str | Path) -> float | None:
     """The monitored score a ModelCheckpoint recorded when it saved ``path`` (``None`` if absent)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and isinstance(value, dict):
-            score = value.get("best_model_score")
-            if score is not None:
-                return float(score)
-    return None
+    score = _model_checkpoint_state(path).get("best_model_score")
+    return float(score) if score is not None else None
 
 
 def resolve_checkpoint(
