@@ -1,7 +1,7 @@
 import pytest
 
-from pneumonia.data.discovery import DataLayoutError, discover_images
-from tests.conftest import make_subset
+from pneumonia.data.discovery import DataLayoutError, discover_images, scan_images
+from tests.conftest import copy_image, make_subset
 
 
 def test_kaggle_layout_of_the_real_data(data_root):
@@ -50,3 +50,83 @@ def test_a_class_folder_itself_can_be_the_root(data_root, tmp_path):
     assert [img.label for img in images] == [1, 1]
     with pytest.raises(DataLayoutError, match="no NORMAL images"):
         discover_images(root / "PNEUMONIA")
+
+
+# --- odd entries are skipped and listed, never fatal ---------------------------------------------
+
+
+def test_dangling_and_looping_links_are_skipped_and_listed(data_root, tmp_path, caplog):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=2)
+    normal = root / "train" / "NORMAL"
+    (normal / "IM-9999-0001.jpeg").symlink_to(tmp_path / "deleted.jpeg")
+    (normal / "IM-9998-0001.jpeg").symlink_to(normal / "IM-9997-0001.jpeg")
+    (normal / "IM-9997-0001.jpeg").symlink_to(normal / "IM-9998-0001.jpeg")
+    found = scan_images(root)
+    assert len(found.images) == 4
+    assert set(found.skipped) == {
+        str(normal / "IM-9999-0001.jpeg"),
+        str(normal / "IM-9998-0001.jpeg"),
+        str(normal / "IM-9997-0001.jpeg"),
+    }
+    assert "dangling symbolic link" in found.skipped[str(normal / "IM-9999-0001.jpeg")]
+    assert "symbolic link loop" in found.skipped[str(normal / "IM-9998-0001.jpeg")]
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "skipped 3 entries" in warning[0]
+    assert all(name in warning[0] for name in ("IM-9999-0001", "IM-9998-0001", "IM-9997-0001"))
+    assert discover_images(root) == found.images  # the list API stays as it was
+
+
+def test_folder_link_loop_is_walked_once(data_root, tmp_path):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=2)
+    # Without care, followlinks=True walks train/NORMAL/up/NORMAL/up/... forty levels deep.
+    (root / "train" / "NORMAL" / "up").symlink_to(root / "train")
+    found = scan_images(root)
+    assert len(found.images) == 4
+    assert list(found.skipped) == [str(root / "train" / "NORMAL" / "up")]
+    assert "already walked" in found.skipped[str(root / "train" / "NORMAL" / "up")]
+
+
+def test_a_folder_named_like_an_image_is_skipped(data_root, tmp_path):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=2)
+    (root / "train" / "PNEUMONIA" / "person1_virus_1.jpeg").mkdir()
+    assert len(discover_images(root)) == 4
+
+
+def test_only_unusable_entries_is_a_layout_error_that_says_so(tmp_path):
+    (tmp_path / "NORMAL").mkdir()
+    (tmp_path / "PNEUMONIA").mkdir()
+    (tmp_path / "NORMAL" / "IM-0001-0001.jpeg").symlink_to(tmp_path / "gone.jpeg")
+    with pytest.raises(
+        DataLayoutError, match=r"no NORMAL or PNEUMONIA images.*1 entries were skipped"
+    ):
+        discover_images(tmp_path)
+
+
+def test_names_without_patient_id_are_counted_in_one_warning(data_root, tmp_path, caplog):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=2)
+    source = sorted((data_root / "train" / "NORMAL").iterdir())[5]
+    for name in ("scan_a.jpeg", "scan_b.jpeg", "scan_c.jpeg", "scan_d.jpeg"):
+        copy_image(source, root / "train" / "NORMAL" / name)
+    found = scan_images(root)
+    assert [p.name for p in found.without_patient_id] == [
+        "scan_a.jpeg",
+        "scan_b.jpeg",
+        "scan_c.jpeg",
+        "scan_d.jpeg",
+    ]
+    assert {img.patient for img in found.images if img.path.name.startswith("scan_")} == {
+        "scan_a",
+        "scan_b",
+        "scan_c",
+        "scan_d",
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "4 of 8 images" in warnings[0] and "no patient id" in warnings[0]
+    assert "scan_a.jpeg, scan_b.jpeg, scan_c.jpeg" in warnings[0] and "scan_d" not in warnings[0]
+
+
+def test_kaggle_names_raise_no_patient_warning(data_root, tmp_path, caplog):
+    found = scan_images(make_subset(data_root, tmp_path / "chest_xray", per_class=3))
+    assert found.without_patient_id == [] and found.skipped == {}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from pneumonia.data.patients import patient_id
+from pneumonia.data.patients import parse_patient_id, patient_id
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,17 @@ def test_patient_id_matches_every_row_of_the_manifest(data_root):
         if patient_id(r["filename"]) != r["patient_id"]
     ]
     assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("NORMAL2-IM-0666-0001.jpeg", "NORMAL2-IM-0666"),
+        ("my_scan.png", None),
+        ("person_x.jpeg", None),  # "person" without a number is not the Kaggle scheme
+        ("IMG-0001.jpeg", None),
+    ],
+)
+def test_parse_patient_id_says_when_a_name_has_none(filename, expected):
+    assert parse_patient_id(filename) == expected

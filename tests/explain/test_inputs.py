@@ -52,3 +52,37 @@ def test_classes_are_interleaved_so_any_prefix_has_both():
 
     items = [ImageToExplain(Path(f"n{i}"), 0) for i in range(3)] + [ImageToExplain(Path("p0"), 1)]
     assert [i.path.name for i in _interleave_classes(items)] == ["n0", "p0", "n1", "n2"]
+
+
+def test_split_rows_leaving_the_data_root_are_refused_named_and_skipped(tmp_path, caplog):
+    csv_path = tmp_path / "split.csv"
+    rows = [
+        ("train/NORMAL/a.jpeg", "NORMAL"),
+        ("../../etc/passwd", "NORMAL"),
+        ("/etc/shadow", "PNEUMONIA"),
+        ("train/../../../outside.jpeg", "PNEUMONIA"),
+        ("train/PNEUMONIA/b.jpeg", "COVID"),
+        ("train/PNEUMONIA/c.jpeg", "PNEUMONIA"),
+    ]
+    csv_path.write_text(
+        "path,label,patient,split\n" + "".join(f"{p},{label},x,test\n" for p, label in rows)
+    )
+    data_root = tmp_path / "data"
+    refused: dict[str, str] = {}
+    items = collect_images(csv_path, tmp_path / "m.ckpt", data_root, refused)
+    assert [i.path for i in items] == [
+        data_root / "train/NORMAL/a.jpeg",
+        data_root / "train/PNEUMONIA/c.jpeg",
+    ]
+    assert sorted(refused) == sorted(p for p, _ in rows[1:5])
+    assert "leaves the data root" in refused["../../etc/passwd"]
+    assert "must be relative" in refused["/etc/shadow"]
+    assert "'COVID'" in refused["train/PNEUMONIA/b.jpeg"]
+    assert "/etc/shadow" in caplog.text and str(csv_path) in caplog.text
+
+
+def test_a_split_file_with_only_refused_rows_is_an_error(tmp_path):
+    csv_path = tmp_path / "split.csv"
+    csv_path.write_text("path,label,patient,split\n/etc/passwd,NORMAL,x,test\n")
+    with pytest.raises(ValueError, match="every 'test' image was refused"):
+        collect_images(csv_path, tmp_path / "m.ckpt", tmp_path)

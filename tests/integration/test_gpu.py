@@ -24,7 +24,8 @@ def test_bf16_training_on_gpu_and_evaluation_on_cpu(small_root, cache_dir, tmp_p
         f"run_dir={run_dir}", cache_dir=cache_dir,
     )  # fmt: skip
     report = json.loads((run_dir / "test_metrics.json").read_text())
-    assert 0.0 <= report["metrics"]["balanced_accuracy"] <= 1.0
+    test_rows = (run_dir / "split.csv").read_text().count(",test\n")
+    assert report["images"] == test_rows > 0 and report["weights"].startswith("the best checkpoint")
     checkpoint = torch.load(
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
@@ -43,3 +44,31 @@ def test_bf16_training_on_gpu_and_evaluation_on_cpu(small_root, cache_dir, tmp_p
         cache_dir=cache_dir,
     )
     assert json.loads((out / "test_metrics.json").read_text())["images"] == 120
+
+
+def test_a_diverged_gpu_run_stops_naming_the_step(small_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "diverged"
+    result = train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer=gpu", "optimizer=sgd",
+        "optimizer.lr=1e12", f"run_dir={run_dir}", cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "training diverged at epoch 0, step" in result.stderr
+    assert not (run_dir / "test_metrics.json").exists()
+
+
+def test_predictions_on_the_gpu_take_cpu_inputs(small_root, cache_dir, tmp_path):
+    from pneumonia.model.classifier import XrayClassifier
+
+    run_dir = tmp_path / "gpu"
+    train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer=gpu", f"run_dir={run_dir}",
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    last = run_dir / "checkpoints" / "last.ckpt"
+    model = XrayClassifier.load_from_checkpoint(last, map_location="cuda")
+    images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
+    on_gpu = model.predict_proba(images)
+    assert on_gpu.device.type == "cuda" and model.training
+    on_cpu = XrayClassifier.load_from_checkpoint(last, map_location="cpu").predict_proba(images)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)

@@ -45,7 +45,8 @@ def test_a_run_folder_means_its_recorded_best_checkpoint_when_asked(tmp_path):
     folder.mkdir(parents=True)
     best = folder / "epoch03-bacc0.9700.ckpt"
     torch.save({"state_dict": {}}, best)
-    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/balanced_accuracy'}": {"best_model_path": "/moved/away/epoch03-bacc0.9700.ckpt"}}}, folder / "last.ckpt")  # fmt: skip
+    state = {"best_model_path": "/moved/away/epoch03-bacc0.9700.ckpt", "dirpath": "/moved/away"}
+    torch.save({"callbacks": {"RunCheckpoint{'monitor': 'val/balanced_accuracy'}": state}}, folder / "last.ckpt")  # fmt: skip
     torch.save({"state_dict": {}}, folder / "epoch09-bacc0.9100.ckpt")  # a later, worse one
     assert best_checkpoint(tmp_path / "run") == best
     assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == best

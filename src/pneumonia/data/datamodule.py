@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -15,7 +17,7 @@ from pneumonia import CLASS_NAMES
 from pneumonia.data.cache import CachedImages, build_or_load
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
-from pneumonia.data.discovery import LabelledImage, discover_images
+from pneumonia.data.discovery import LabelledImage, scan_images
 from pneumonia.data.splits import GROUPINGS, SPLITS, assign_splits, check_fractions, write_split_csv
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.require_both_classes = bool(require_both_classes)
 
         self.images: list[LabelledImage] = []
+        # Entries that are not images at all (dangling links, FIFOs, ...): path -> why.
+        self.skipped_files: dict[str, str] = {}
         self.cache: CachedImages | None = None
         self.splits: np.ndarray | None = None
         self.class_weights: np.ndarray | None = None
@@ -111,9 +115,28 @@ class ChestXrayDataModule(L.LightningDataModule):
                 self.pixel_std,
             )
 
+    def split_settings(self) -> dict[str, Any]:
+        """What decides the split; a change to any of these moves images between train, val and test.
+
+        The file list enters as a digest of the images' paths (relative to the root) and labels.
+        """
+        self._load_cache()
+        digest = hashlib.sha256()
+        for image in self.images:
+            digest.update(f"{image.path.relative_to(self.root)}\t{image.label}\n".encode())
+        return {
+            "root": str(self.root),
+            "seed": self.seed,
+            "split_fractions": list(self.split_fractions),
+            "group_by": self.group_by,
+            "images": len(self.images),
+            "file_list_sha256": digest.hexdigest()[:16],
+        }
+
     def _load_cache(self) -> CachedImages:
         if self.cache is None:
-            self.images = discover_images(self.root, require_both_classes=self.require_both_classes)
+            found = scan_images(self.root, require_both_classes=self.require_both_classes)
+            self.images, self.skipped_files = found.images, found.skipped
             self.cache = build_or_load(
                 [img.path for img in self.images],
                 self.image_size,

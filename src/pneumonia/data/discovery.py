@@ -4,17 +4,26 @@ Any folder layout works as long as images sit (at any depth) below folders named
 ``PNEUMONIA``: Kaggle's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}``, a flat
 ``{NORMAL,PNEUMONIA}/``, or a copy nested one level deeper. The splits a download ships with are
 ignored on purpose: images are pooled and re-split by patient (see :mod:`pneumonia.data.splits`).
+
+One odd entry never stops discovery: a dangling or looping symbolic link, a FIFO, socket, device or
+folder named like an image, or an unreadable folder is skipped, named in one warning and listed in
+:attr:`Discovery.skipped`. Nothing is opened here (opening a FIFO would block for ever); only
+``os.stat`` is called. A folder reached twice through links (a link loop) is walked once. Images
+whose file names carry no patient id are kept, counted and named in one warning, since a split by
+patient cannot keep them with the child's other images.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.patients import patient_id
+from pneumonia.data.image_io import file_kind, stat_error_reason
+from pneumonia.data.patients import parse_patient_id, patient_id
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +48,36 @@ class LabelledImage:
     patient: str
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """What :func:`scan_images` found below a root."""
+
+    images: list[LabelledImage]
+    #: path -> why it was skipped (dangling link, link loop, FIFO, unreadable folder, ...)
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: files that repeat another file's name and byte size (Kaggle's second copy), left out
+    duplicates: int = 0
+    #: kept images whose file name carries no patient id (each is its own patient)
+    without_patient_id: list[Path] = field(default_factory=list)
+
+
 def is_hidden(name: str) -> bool:
     # macOS archives ship "__MACOSX/" trees and "._name.jpeg" resource forks next to real images.
     return name.startswith(".") or name == "__MACOSX"
 
 
 def discover_images(root: str | Path, require_both_classes: bool = True) -> list[LabelledImage]:
+    """The images of :func:`scan_images` (same arguments, same errors), without the report."""
+    return scan_images(root, require_both_classes).images
+
+
+def scan_images(root: str | Path, require_both_classes: bool = True) -> Discovery:
     """List every image below ``root`` whose path contains a ``NORMAL`` or ``PNEUMONIA`` folder.
 
     Files with the same name and byte size found twice (Kaggle's archive holds a second copy of the
     dataset under ``chest_xray/chest_xray``) are kept once. The result is sorted by path, so it does
-    not depend on the order the file system lists folders in.
+    not depend on the order the file system lists folders in. Entries that cannot be images are
+    skipped with one warning (see the module's docstring).
 
     Raises:
         DataLayoutError: ``root`` is missing, holds no labelled image, or (``require_both_classes``)
@@ -62,9 +90,28 @@ def discover_images(root: str | Path, require_both_classes: bool = True) -> list
             f"bundled copy, set PNEUMONIA_DATA or pass data.root=<folder>; {EXPECTED_LAYOUT}."
         )
     found: list[LabelledImage] = []
+    skipped: dict[str, str] = {}
     seen: set[tuple[str, int]] = set()
+    walked: dict[tuple[int, int], str] = {}
     duplicates = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable_folder(err: OSError) -> None:
+        skipped[str(err.filename)] = f"folder not readable ({err.strerror or err})"
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
+        # followlinks=True walks a link that points at one of its own parents again and again
+        # (each level a new path, until the path is too long); walk each real folder once.
+        try:
+            folder = os.stat(dirpath)
+        except OSError as err:
+            skipped[dirpath] = stat_error_reason(dirpath, err)
+            dirnames[:] = []
+            continue
+        first = walked.setdefault((folder.st_dev, folder.st_ino), dirpath)
+        if first != dirpath:
+            skipped[dirpath] = f"a link to the folder {first}, already walked"
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         # The root's own name counts too: data.root=<...>/NORMAL is a folder of NORMAL images.
         label = label_of((root.name, *Path(dirpath).relative_to(root).parts))
@@ -74,7 +121,15 @@ def discover_images(root: str | Path, require_both_classes: bool = True) -> list
             if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = Path(dirpath, name)
-            key = (name, path.stat().st_size)
+            try:
+                st = os.stat(path)  # follows links; a dangling or looping one raises
+            except OSError as err:
+                skipped[str(path)] = stat_error_reason(path, err)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                skipped[str(path)] = f"{file_kind(st.st_mode)}, not a regular file; never opened"
+                continue
+            key = (name, st.st_size)
             if key in seen:
                 duplicates += 1
                 continue
@@ -82,14 +137,36 @@ def discover_images(root: str | Path, require_both_classes: bool = True) -> list
             found.append(LabelledImage(path=path, label=label, patient=patient_id(name)))
     if duplicates:
         log.info("skipped %d files that repeat another file's name and size", duplicates)
+    if skipped:
+        log.warning(
+            "skipped %d entr%s under %s: %s",
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            root,
+            "; ".join(f"{path} ({why})" for path, why in sorted(skipped.items())),
+        )
     counts = [sum(img.label == k for img in found) for k in range(len(CLASS_NAMES))]
     missing = [name for name, n in zip(CLASS_NAMES, counts, strict=True) if n == 0]
     if len(missing) == len(CLASS_NAMES) or (missing and require_both_classes):
+        note = f" ({len(skipped)} entries were skipped, see the warning above)" if skipped else ""
         raise DataLayoutError(
-            f"no {' or '.join(missing)} images found under {root}; {EXPECTED_LAYOUT}."
+            f"no {' or '.join(missing)} images found under {root}{note}; {EXPECTED_LAYOUT}."
         )
     found.sort(key=lambda img: str(img.path))
-    return found
+    anonymous = [img.path for img in found if parse_patient_id(img.path.name) is None]
+    if anonymous:
+        log.warning(
+            "%d of %d images under %s have no patient id in their file name (e.g. %s): each "
+            "counts as its own patient, so a split by patient cannot keep it with the same "
+            "child's other images; name files like person<N>_*.jpeg or IM-<N>-*.jpeg to group them",
+            len(anonymous),
+            len(found),
+            root,
+            ", ".join(path.name for path in anonymous[:3]),
+        )
+    return Discovery(
+        images=found, skipped=skipped, duplicates=duplicates, without_patient_id=anonymous
+    )
 
 
 def label_of(rel_parts: tuple[str, ...]) -> int | None:

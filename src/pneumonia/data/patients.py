@@ -9,7 +9,9 @@ patient id:
     IM-0505-0001-0001.jpeg          -> IM-0505
     NORMAL2-IM-0666-0001.jpeg       -> NORMAL2-IM-0666
 
-A name that follows neither scheme (a user's own data) is its own patient: the file stem.
+A name that follows neither scheme (a user's own data) is its own patient: the file stem. Such
+images cannot be grouped with the other images of their child, so discovery counts them and warns
+(:func:`parse_patient_id` tells them apart).
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _IM = re.compile(r"^((?:NORMAL\d+-)?IM-\d+)(?:-|$)", re.IGNORECASE)
 
 
-def patient_id(filename: str | PurePath) -> str:
-    """Return the patient id encoded in an image's file name (directories are ignored)."""
+def parse_patient_id(filename: str | PurePath) -> str | None:
+    """The patient id encoded in an image's file name, or None if the name follows no known scheme."""
     stem = PurePath(filename).stem
     for pattern in (_PERSON, _IM):
         match = pattern.match(stem)
         if match:
             return match.group(1)
-    return stem
+    return None
+
+
+def patient_id(filename: str | PurePath) -> str:
+    """Return the patient id encoded in an image's file name (directories are ignored).
+
+    A name without one is its own patient: its stem.
+    """
+    parsed = parse_patient_id(filename)
+    return parsed if parsed is not None else PurePath(filename).stem

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.errors import SplitChangedError
+
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 GROUPINGS = ("patient", "image")
 
@@ -80,15 +82,50 @@ def write_split_csv(
     splits: Sequence[str],
     class_names: Sequence[str],
 ) -> None:
-    """Write one row per image (path, label, patient, split) so a split can be audited or reused."""
+    """Write one row per image (path, label, patient, split) so a split can be audited or reused.
+
+    A run's split is part of its result: an existing file is never rewritten with other rows.
+
+    Raises:
+        SplitChangedError: ``path`` exists and lists another split; names the rows that differ.
+    """
     path = Path(path)
+    header = ["path", "label", "patient", "split"]
+    rows = [
+        [str(image_path), class_names[int(label)], patient, split]
+        for image_path, label, patient, split in zip(
+            image_paths, labels, patients, splits, strict=True
+        )
+    ]
+    if path.exists():
+        _refuse_another_split(path, header, rows)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed: under DDP every process may write the same split at once.
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with partial.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "patient", "split"])
-        for row in zip(image_paths, labels, patients, splits, strict=True):
-            image_path, label, patient, split = row
-            writer.writerow([str(image_path), class_names[int(label)], patient, split])
+        writer.writerow(header)
+        writer.writerows(rows)
     os.replace(partial, path)
+
+
+def _refuse_another_split(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with path.open(newline="") as f:
+        existing = list(csv.reader(f))
+    if existing == [header, *rows]:
+        return
+    before = {row[0]: row for row in existing[1:] if row}
+    after = {row[0]: row for row in rows}
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    moved = sorted(p for p in after.keys() & before.keys() if after[p] != before[p])
+    details = [f"{len(added)} image(s) added", f"{len(removed)} removed", f"{len(moved)} changed"]
+    examples = [f"+{p}" for p in added[:2]] + [f"-{p}" for p in removed[:2]]
+    examples += [f"{p}: {before[p][3]} -> {after[p][3]}" for p in moved[:3]]
+    raise SplitChangedError(
+        f"{path} holds this run's split, and the current data settings would change it "
+        f"({', '.join(details)}; e.g. {'; '.join(examples) or 'row order'}). A run's split is "
+        "never rewritten: resume with the run's own data settings (data.root, data.seed, "
+        "data.split_fractions, data.group_by) and files, or start a new run folder"
+    )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
 from pneumonia.data.discovery import IMAGE_SUFFIXES, is_hidden, label_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,20 +22,42 @@ class ImageToExplain:
     label: int | None
 
 
-def _from_split_csv(csv_path: Path, data_root: Path, split: str = "test") -> list[ImageToExplain]:
+def _from_split_csv(
+    csv_path: Path, data_root: Path, refused: dict[str, str], split: str = "test"
+) -> list[ImageToExplain]:
     with csv_path.open(newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row["split"] == split]
+        rows = [row for row in csv.DictReader(f) if row.get("split") == split]
     if not rows:
         raise ValueError(f"{csv_path} lists no {split!r} images")
     items = []
     for row in rows:
-        path = Path(row["path"])
-        items.append(
-            ImageToExplain(
-                path if path.is_absolute() else data_root / path, CLASS_NAMES.index(row["label"])
+        path, why = _inside(data_root, row.get("path") or "")
+        if why is None and row.get("label") not in CLASS_NAMES:
+            why = f"label {row.get('label')!r} is not one of {list(CLASS_NAMES)}"
+        if why is not None:
+            refused[str(row.get("path"))] = why
+            log.error(
+                "%s: refusing image %r: %s; explaining the others", csv_path, row["path"], why
             )
-        )
+            continue
+        items.append(ImageToExplain(path, CLASS_NAMES.index(row["label"])))
+    if not items:
+        raise ValueError(f"{csv_path}: every {split!r} image was refused: {refused}")
     return items
+
+
+def _inside(data_root: Path, relative: str) -> tuple[Path, str | None]:
+    """``data_root / relative``, or why not: a split file may only name images below its data root.
+
+    The check is on the path as written (``..`` and absolute paths), not on resolved symlinks: a
+    data root may itself link to the images, as ``make data`` does.
+    """
+    path = Path(relative)
+    if not relative or path.is_absolute() or path.drive:
+        return path, f"the path must be relative to the data root {data_root}"
+    if ".." in path.parts:
+        return path, f"the path leaves the data root {data_root}"
+    return data_root / path, None
 
 
 def run_folder_of(ckpt_path: Path) -> Path | None:
@@ -42,7 +67,10 @@ def run_folder_of(ckpt_path: Path) -> Path | None:
 
 
 def collect_images(
-    images: str | Path | None, ckpt_path: Path, data_root: Path
+    images: str | Path | None,
+    ckpt_path: Path,
+    data_root: Path,
+    refused: dict[str, str] | None = None,
 ) -> list[ImageToExplain]:
     """Resolve the ``images`` config value.
 
@@ -50,9 +78,13 @@ def collect_images(
     ``split.csv``: that test split (paths relative to ``data_root``); an image file; or a folder,
     searched recursively (labels from ``NORMAL``/``PNEUMONIA`` folder names when present).
 
+    A split file's rows that leave ``data_root`` (absolute paths, ``..``) or carry an unknown label
+    are refused, logged, skipped and recorded in ``refused`` (path -> reason).
+
     Raises:
         FileNotFoundError: nothing to explain at that path, with what was expected.
     """
+    refused = {} if refused is None else refused
     if images is None:
         run = run_folder_of(ckpt_path)
         if run is None:
@@ -60,12 +92,12 @@ def collect_images(
                 f"no images given and {ckpt_path} is not inside a run folder with split.csv; "
                 "pass images=<image file, folder, run folder or split.csv>"
             )
-        return _from_split_csv(run / "split.csv", data_root)
+        return _from_split_csv(run / "split.csv", data_root, refused)
     path = Path(images).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
-        return _from_split_csv(path, data_root)
+        return _from_split_csv(path, data_root, refused)
     if path.is_dir() and (path / "split.csv").is_file():
-        return _from_split_csv(path / "split.csv", data_root)
+        return _from_split_csv(path / "split.csv", data_root, refused)
     if path.is_file():
         return [ImageToExplain(path, label_of(path.parent.parts))]
     if path.is_dir():

@@ -14,11 +14,18 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pneumonia import CLASS_NAMES
+from pneumonia.config import check_explain_config, explain_targets
 from pneumonia.data.image_io import load_grayscale
 from pneumonia.explain.faithfulness import deletion_auc, random_deletion_auc
-from pneumonia.explain.figures import attribution_grid, close, describe, study_figure
+from pneumonia.explain.figures import SIGNS, attribution_grid, close, describe, study_figure
 from pneumonia.explain.inputs import ImageToExplain, collect_images
-from pneumonia.explain.methods import ClassScores, attribution_fn, class_scores, resolve_targets
+from pneumonia.explain.methods import (
+    METHODS,
+    ClassScores,
+    attribution_fn,
+    class_scores,
+    resolve_targets,
+)
 from pneumonia.explain.regions import (
     format_region_table,
     region_area_shares,
@@ -48,7 +55,7 @@ def load_pixels(
         try:
             pixels.append(load_grayscale(item.path, image_size))
             kept.append(item)
-        except (OSError, ValueError, SyntaxError) as err:
+        except Exception as err:  # one bad file (PIL raises many kinds) never stops the others
             failures[str(item.path)] = f"{type(err).__name__}: {err}"
             log.error(
                 "cannot read %s (%s); explaining the other images",
@@ -62,6 +69,7 @@ def load_pixels(
 
 def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``)."""
+    check_explain_config(cfg, METHODS, SIGNS, explain_targets())
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +86,8 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 
     # A run's split.csv holds paths relative to the data it was trained on, which the checkpoint records.
     data_root = Path(cfg.data_root or hparams.get("data_root") or cfg.fallback_data_root)
-    items = collect_images(cfg.images, ckpt_path, data_root)
+    refused: dict[str, str] = {}
+    items = collect_images(cfg.images, ckpt_path, data_root, refused)
     # Classes interleaved, so a capped set, the summary sheet and the trust checks see both.
     items = _interleave_classes(items)[: cfg.max_images or None]
     pixels, items, failures = load_pixels(items, trained_size)
@@ -133,6 +142,7 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path),
         "images": len(items),
         "unreadable": failures,
+        "refused": refused,
         "target": cfg.target,
         "ms_per_image": ms_per_image,
         **trust,
@@ -232,6 +242,8 @@ def _print_report(report: dict[str, Any]) -> None:
     lines = [f"\nexplained {report['images']} images of {report['checkpoint']}"]
     if report["unreadable"]:
         lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
+    if report["refused"]:
+        lines.append(f"refused (outside the data root or unknown label): {len(report['refused'])}")
     lines.append(
         "\nms per image: " + ", ".join(f"{m} {v:.1f}" for m, v in report["ms_per_image"].items())
     )

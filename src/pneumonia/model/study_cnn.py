@@ -7,9 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pneumonia.model.registry import register_network
+
 MIN_IMAGE_SIZE = 32
 
 
+@register_network
 class StudyCNN(nn.Module):
     """Binary classifier returning one logit per image (sigmoid gives P(PNEUMONIA)).
 

@@ -8,18 +8,26 @@ from typing import Any
 
 import torch
 
+from pneumonia.errors import CheckpointError
+
+__all__ = [
+    "LAST",
+    "CheckpointError",
+    "best_checkpoint",
+    "read_hyperparameters",
+    "recorded_score",
+    "resolve_checkpoint",
+]
+
 LAST = "last"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that does not lead to a loadable pneumonia checkpoint."""
 
 
 def _model_checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The ModelCheckpoint callback's saved state in a checkpoint file (empty if it has none)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and isinstance(value, dict):
+    for value in state.get("callbacks", {}).values():
+        # Keyed by the callback's class name (ModelCheckpoint, RunCheckpoint, ...) and settings.
+        if isinstance(value, dict) and "best_model_path" in value and "dirpath" in value:
             return value
     return {}
 
@@ -77,12 +85,12 @@ def resolve_checkpoint(
     return path
 
 
-def read_hyperparameters(path: str | Path) -> dict[str, Any]:
-    """The hyperparameters of a pneumonia checkpoint, read safely (``weights_only=True``).
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A pneumonia checkpoint as a dict, read safely (``weights_only=True``) and checked for shape.
 
     Raises:
-        CheckpointError: the file is not a torch checkpoint, needs unsafe unpickling, or was not
-            written by ``XrayClassifier``.
+        CheckpointError: naming ``path``: not a torch checkpoint, needs unsafe unpickling, or was
+            not written by ``XrayClassifier``.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,4 +105,9 @@ def read_hyperparameters(path: str | Path) -> dict[str, Any]:
             f"{path} is not a pneumonia XrayClassifier checkpoint (no 'net' hyperparameters); "
             "use a checkpoint written by train.py"
         )
-    return hparams
+    return checkpoint
+
+
+def read_hyperparameters(path: str | Path) -> dict[str, Any]:
+    """The hyperparameters of a pneumonia checkpoint, read safely (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path)["hyper_parameters"]

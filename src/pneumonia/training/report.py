@@ -60,6 +60,18 @@ class TestReportWriter(Callback):
         write_test_report(self.output_dir, {**report, **extra})
 
 
+def retire_test_report(output_dir: str | Path, stem: str = "test") -> None:
+    """Rename an earlier ``<stem>_metrics.json`` (and its figure) to ``<stem>_metrics.previous.json``.
+
+    A folder that is fitted again (a resume, a repeated run) must not keep a report that could be
+    read as the new fit's result if the new fit fails.
+    """
+    for name in (f"{stem}_metrics.json", f"{stem}_confusion_matrix.png"):
+        path = Path(output_dir) / name
+        if path.exists():
+            path.replace(path.with_name(name.replace(".", ".previous.", 1)))
+
+
 def add_to_test_report(
     output_dir: str | Path, extra: dict[str, Any], stem: str = "test"
 ) -> dict[str, Any]:

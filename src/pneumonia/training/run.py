@@ -13,16 +13,20 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
+from pneumonia.config import check_train_config
 from pneumonia.data.datamodule import ChestXrayDataModule
+from pneumonia.errors import CheckpointError, NothingTrainedError
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.model.classifier import XrayClassifier, to_plain
-from pneumonia.training.checkpoints import (
-    CheckpointError,
-    read_hyperparameters,
-    recorded_score,
-    resolve_checkpoint,
+from pneumonia.training.callbacks import StopOnDivergence
+from pneumonia.training.checkpoints import read_hyperparameters, recorded_score, resolve_checkpoint
+from pneumonia.training.report import (
+    TestReportWriter,
+    add_to_test_report,
+    format_metrics_table,
+    retire_test_report,
 )
-from pneumonia.training.report import TestReportWriter, add_to_test_report, format_metrics_table
+from pneumonia.training.resume import ResumePoint
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,17 @@ def run(cfg: DictConfig) -> float | None:
     """Run the task the config describes and return the optimised metric (for sweepers).
 
     ``cfg.fit`` true: train, then (``cfg.test``) test the best checkpoint on the test split; returns
-    the best validation balanced accuracy. ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on the test
-    split of ``cfg.data`` (``conf/eval.yaml`` makes every image a test image); returns that test
-    balanced accuracy.
+    the best validation value of ``optimized_metric`` (or its test value for a ``test/`` metric).
+    ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on the test split of ``cfg.data``
+    (``conf/eval.yaml`` makes every image a test image); returns that test balanced accuracy.
+
+    Raises:
+        ConfigError: the config contradicts itself (checked before anything runs).
+        TrainingDivergedError: the training loss became NaN or infinite (no test is reported).
+        NothingTrainedError: the fit took no training step (no test is reported).
+        SplitChangedError, CheckpointError: a resume would change the run's split or model.
     """
+    check_train_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -46,38 +57,77 @@ def run(cfg: DictConfig) -> float | None:
 
 def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    resume = ResumePoint.read(ckpt_path) if ckpt_path is not None else None
     datamodule: ChestXrayDataModule = instantiate(cfg.data)
     module: XrayClassifier = instantiate(
         cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
     )
-    if ckpt_path is not None:
-        _check_same_model(ckpt_path, module)
-        log.info("resuming from %s", ckpt_path)
+    if resume is not None:
+        resume.check_same_model(dict(module.hparams))
+        log.info(
+            "resuming from %s (epoch %d, step %d)", ckpt_path, resume.epoch, resume.global_step
+        )
     # Set the data up here, in the launching process: an empty test split fails before 15 epochs
     # of training, and the statistics reach the module even when ddp_spawn trains in workers.
     datamodule.prepare_data()
+    if resume is not None:
+        resume.check_same_split(datamodule.split_settings())
     datamodule.setup("fit")
     if cfg.get("test", True):
         datamodule.dataset("test")
     module.adopt_data_statistics(datamodule)
+    # A report from an earlier fit in this folder must not pass for this one's if it fails.
+    retire_test_report(output_dir)
 
-    callbacks = [*_instantiate_all(cfg.get("callbacks"), Callback), TestReportWriter(output_dir)]
+    callbacks = [
+        *_instantiate_all(cfg.get("callbacks"), Callback),
+        StopOnDivergence(check_every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
+        TestReportWriter(output_dir),
+    ]
     loggers = _instantiate_all(cfg.get("logger"), Logger)
+    if resume is not None and resume.is_in(output_dir):
+        resume.continue_logs(loggers)  # the run's first start logged its hyperparameters
+    else:
+        _log_hyperparameters(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    _log_hyperparameters(trainer.loggers, cfg)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
     if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
         checkpoint = None
+    # ddp_spawn trains in workers: the launching trainer sees their checkpoint and metrics only.
+    trained = (
+        trainer.global_step > 0
+        or checkpoint is not None
+        or "train/loss_epoch" in trainer.callback_metrics
+    )
+    if not trained:
+        raise NothingTrainedError(
+            f"the fit took no training step (trainer.max_epochs={cfg.trainer.get('max_epochs')}, "
+            f"trainer.limit_train_batches={cfg.trainer.get('limit_train_batches', 1.0)}), so there "
+            "is no trained model and no test metrics are reported. Train for at least one epoch, "
+            "or evaluate an existing checkpoint: python train.py --config-name eval ckpt_path=..."
+        )
     score = _best_score(trainer, checkpoint, cfg.optimized_metric)
     if cfg.get("test", True):
         best = checkpoint.best_model_path if checkpoint is not None else None
         if best is None:
-            log.warning("no best checkpoint was saved (fast_dev_run?); testing the current weights")
+            weights = (
+                f"the weights after {trainer.global_step} training step(s) of a fast_dev_run: a "
+                "smoke test, not a result"
+                if trainer.fast_dev_run
+                else f"the final weights after {trainer.global_step} training step(s); no "
+                "checkpoint was saved"
+            )
+            log.warning("no best checkpoint was saved; testing %s", weights)
+        else:
+            weights = f"the best checkpoint by {checkpoint.monitor}"
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-        _print_report(trainer, output_dir, {"best_val_score": score})
+        report = _print_report(trainer, output_dir, {"best_val_score": score, "weights": weights})
+        if cfg.optimized_metric.startswith("test/"):
+            name = cfg.optimized_metric.removeprefix("test/")
+            score = _as_float((report or {}).get("metrics", {}).get(name))
     return score
 
 
@@ -125,16 +175,6 @@ def _print_report(
     print("\n" + format_metrics_table(report["metrics"]) + "\n")
     print(f"run folder: {output_dir}\ntest metrics: {output_dir / 'test_metrics.json'}")
     return report
-
-
-def _check_same_model(ckpt_path: Path, module: XrayClassifier) -> None:
-    saved = read_hyperparameters(ckpt_path)
-    for key in ("net", "image_size"):
-        if saved.get(key) != module.hparams[key]:
-            raise CheckpointError(
-                f"{ckpt_path} was trained with {key}={saved.get(key)}, but this run configures "
-                f"{key}={module.hparams[key]}; resume with the overrides of the original run"
-            )
 
 
 def _instantiate_all(group: DictConfig | None, kind: type) -> list:

@@ -1,0 +1,86 @@
+"""What a composed config must satisfy before anything runs.
+
+The entry points call :func:`check_train_config` / :func:`check_explain_config` first, so a config
+whose values contradict each other fails in a second, naming both values, instead of halfway
+through a run (a matrix shape error in the first batch, a ``None`` handed to the sweeper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from pneumonia import CLASS_NAMES
+from pneumonia.errors import ConfigError
+from pneumonia.metrics.diagnostic import METRIC_NAMES
+
+OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
+    f"{stage}/{name}" for stage in ("val", "test") for name in (*METRIC_NAMES, "loss")
+)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Refuse a train/eval config whose parts disagree.
+
+    Raises:
+        ConfigError: image sizes of data and network differ; ``optimized_metric`` is not a metric
+            the run produces.
+    """
+    if cfg.get("fit", True):
+        sizes = {
+            key: OmegaConf.select(cfg, key)
+            for key in ("image_size", "data.image_size", "model.image_size", "model.net.image_size")
+        }
+        sizes = {key: value for key, value in sizes.items() if value is not None}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{key}={value}" for key, value in sizes.items())
+            raise ConfigError(
+                f"the data and the network disagree on the image size ({listed}); set the top-level "
+                "image_size=<side> to change them together"
+            )
+    metric = cfg.get("optimized_metric")
+    if metric is not None:
+        if metric not in OPTIMIZABLE_METRICS:
+            raise ConfigError(
+                f"optimized_metric={metric!r} is not a metric this run produces; choose one of "
+                f"{', '.join(OPTIMIZABLE_METRICS)}"
+            )
+        if metric.startswith("test/") and not cfg.get("test", True) and cfg.get("fit", True):
+            raise ConfigError(
+                f"optimized_metric={metric} needs the test split, but test=false; set test=true "
+                "or optimise a val/ metric"
+            )
+
+
+def check_explain_config(
+    cfg: DictConfig, methods: Iterable[str], signs: Iterable[str], targets: Iterable[str]
+) -> None:
+    """Refuse an explain config naming unknown methods, signs or targets, before any attribution.
+
+    Raises:
+        ConfigError: naming the value and the choices.
+    """
+    methods, signs = tuple(methods), tuple(signs)
+    chosen = list(cfg.methods or [])
+    if not chosen:
+        raise ConfigError(f"methods is empty; choose one or more of {list(methods)}")
+    unknown = [m for m in chosen if m not in methods]
+    if unknown:
+        raise ConfigError(f"methods={chosen}: unknown {unknown}; choose from {list(methods)}")
+    if cfg.figure_method not in chosen:
+        raise ConfigError(
+            f"figure_method={cfg.figure_method!r} is not among methods={chosen}; add it to methods "
+            "or pick one of them"
+        )
+    bad_signs = [s for s in (cfg.signs or []) if s not in signs]
+    if bad_signs or not cfg.signs:
+        raise ConfigError(f"signs={list(cfg.signs or [])}: choose one or more of {list(signs)}")
+    target = str(cfg.target)
+    if target.lower() not in {t.lower() for t in targets} and target not in {"0", "1"}:
+        raise ConfigError(f"target={target!r} must be one of {list(targets)}")
+
+
+def explain_targets() -> tuple[str, ...]:
+    """The values ``explain.py``'s ``target`` accepts."""
+    return ("predicted", *CLASS_NAMES)

@@ -1,0 +1,23 @@
+"""The errors this framework raises on purpose. Each message names the path or value and the fix."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not lead to a loadable, trustworthy pneumonia checkpoint."""
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run: values that contradict each other or name nothing."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops instead of training on garbage."""
+
+
+class NothingTrainedError(RuntimeError):
+    """A fit that took no optimizer step: there is no trained model whose metrics could be reported."""
+
+
+class SplitChangedError(ValueError):
+    """A run would get a different train/val/test split than the one it was started with."""

@@ -1,0 +1,124 @@
+"""Callbacks that keep a run honest: checkpoints a resume can trust, and a stop when training diverges.
+
+- :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` with two guarantees it lacks in 2.6:
+  ``last.ckpt`` is rewritten after every epoch (Lightning rewrites it only when the monitored
+  metric improves, so a resume redid the epochs since the best one), and every checkpoint is
+  written to a temporary file and renamed, so a run killed while saving leaves the previous
+  checkpoint intact.
+- :class:`StopOnDivergence` stops the run with :class:`~pneumonia.errors.TrainingDivergedError`
+  when the training loss becomes NaN or infinite, naming the epoch, step and loss, before a
+  checkpoint of the broken weights is saved or a test reports metrics of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from weakref import proxy
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from pneumonia.errors import TrainingDivergedError
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the last completed epoch, saved atomically.
+
+    Takes ``ModelCheckpoint``'s arguments.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self._last_is_due(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        if due:
+            self._save_last_if_stale(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self._last_is_due(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if due:
+            self._save_last_if_stale(trainer)
+
+    def _last_is_due(self, trainer: L.Trainer) -> bool:
+        return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer)
+
+    def _save_last_if_stale(self, trainer: L.Trainer) -> None:
+        if getattr(self, "_last_saved_at_step", None) != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_at_step = trainer.global_step
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # As ModelCheckpoint._save_checkpoint, but written aside and renamed into place.
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("RunCheckpoint.rename")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+class StopOnDivergence(Callback):
+    """Raise :class:`TrainingDivergedError` at the first non-finite training loss.
+
+    The loss is checked on the device every step without waiting for it (no host synchronisation
+    per step); the host looks at the record every ``check_every_n_steps`` steps and always before
+    validation and at the end of each epoch, before any checkpoint of that epoch is saved
+    (Lightning runs checkpoint callbacks after the others).
+
+    Args:
+        check_every_n_steps: how often the host reads the record between epochs.
+    """
+
+    def __init__(self, check_every_n_steps: int = 50) -> None:
+        self.check_every_n_steps = max(1, int(check_every_n_steps))
+        self._first_bad: torch.Tensor | None = None  # (step, epoch, loss); step -1: none yet
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:  # fmt: skip
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float().reshape(())
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.full((3,), -1.0, device=loss.device)
+        # global_step already counts this batch's optimizer step.
+        step = torch.full((), float(trainer.global_step - 1), device=loss.device)
+        epoch = torch.full((), float(trainer.current_epoch), device=loss.device)
+        first = (self._first_bad[0] < 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(first, torch.stack([step, epoch, loss]), self._first_bad)
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._raise_if_diverged()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._raise_if_diverged()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_diverged()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_diverged()
+
+    def _raise_if_diverged(self) -> None:
+        if self._first_bad is None:
+            return
+        step, epoch, loss = self._first_bad.tolist()
+        if step < 0:
+            return
+        raise TrainingDivergedError(
+            f"training diverged at epoch {int(epoch)}, step {int(step)}: the training loss was "
+            f"{loss}. The run stops here: no checkpoint of these weights is saved and no test "
+            "metrics are reported. Lower the learning rate (optimizer.lr=...), clip gradients "
+            "(trainer.gradient_clip_val=1.0) or check the input data; resuming from last.ckpt "
+            "repeats the epochs after the last good checkpoint"
+        )

@@ -1,0 +1,83 @@
+"""Loggers whose history survives a resume.
+
+Resuming a run in its own folder (``run_dir=<run> ckpt_path=last``) restarts at the checkpoint's
+global step ``G``, but the interrupted process may have logged beyond it. Lightning's loggers get
+this wrong in two ways, fixed here for a logger told :meth:`continue_after` ``(G)``:
+
+- ``CSVLogger`` deletes the earlier ``metrics.csv`` when it writes into an existing folder. Here
+  the rows up to step ``G`` are kept and the new rows follow them.
+- ``TensorBoardLogger`` appends a new event file, so steps after ``G`` show twice. Here the new
+  writer starts with TensorBoard's ``purge_step=G+1``, which makes readers drop the earlier
+  events from step ``G+1`` on.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class ContinuingTensorBoardLogger(TensorBoardLogger):
+    """``TensorBoardLogger`` that can continue a run's event history without repeated steps."""
+
+    def continue_after(self, step: int) -> None:
+        """Drop events after global step ``step`` written by an interrupted process."""
+        if self._experiment is not None:
+            raise RuntimeError("continue_after() must be called before anything is logged")
+        self._kwargs["purge_step"] = int(step) + 1
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the rows of ``metrics.csv`` up to a step when it resumes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_until_step: int | None = None
+
+    def continue_after(self, step: int) -> None:
+        """Keep the existing rows logged at global steps up to ``step``; later ones are dropped."""
+        if self._experiment is not None:
+            raise RuntimeError("continue_after() must be called before anything is logged")
+        self._keep_until_step = int(step)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self._keep_until_step)
+        return self._experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, keep_until_step: int | None) -> None:
+        self._keep_until_step = keep_until_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if self._keep_until_step is None or not os.path.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [row for row in reader if _step_of(row) <= self._keep_until_step]
+        partial = f"{self.metrics_file_path}.partial"
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, self.metrics_file_path)
+        self.metrics_keys = header
+
+
+def _step_of(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return float("nan")

@@ -1,0 +1,152 @@
+"""Kill, resume and fail real training runs through train.py, as a user would."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import ROOT
+from tests.integration.conftest import train
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 3
+STEPS_PER_EPOCH = 20
+
+
+def _loadable_epoch(path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # not written yet, or being renamed into place
+        return None
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.root={data_root}", "image_size=64", "logger=all", f"trainer.max_epochs={EPOCHS}",
+        f"+trainer.limit_train_batches={STEPS_PER_EPOCH}", "+trainer.limit_val_batches=4",
+        "+trainer.limit_test_batches=4", "trainer.log_every_n_steps=5",
+        "callbacks.attribution_maps.num_images=2", "trainer.enable_progress_bar=false",
+        f"run_dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = _loadable_epoch(last)
+    assert killed_at is not None and killed_at < EPOCHS - 1
+    assert not (run_dir / "test_metrics.json").exists()
+    split_before = (run_dir / "split.csv").read_bytes()
+
+    result = train(*overrides, "ckpt_path=last", cache_dir=cache_dir)
+
+    output = result.stdout + result.stderr
+    assert f"resuming from {last} (epoch {killed_at}" in output
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == EPOCHS - 1
+    assert checkpoint["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert (run_dir / "split.csv").read_bytes() == split_before
+    assert json.loads((run_dir / "test_metrics.json").read_text())["images"] > 0
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    val_epochs = [int(r["epoch"]) for r in rows if r.get("val/balanced_accuracy")]
+    assert val_epochs == list(range(EPOCHS))  # every epoch once, the earlier ones kept
+    step_rows = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert step_rows == sorted(set(step_rows)) and len(step_rows) == EPOCHS * STEPS_PER_EPOCH // 5
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    # "epoch" is logged beside every metric group, several times per step, resumed or not.
+    for tag in set(events.Tags()["scalars"]) - {"epoch"}:
+        repeated = [s for s, n in Counter(e.step for e in events.Scalars(tag)).items() if n > 1]
+        assert not repeated, f"{tag} repeats steps {repeated}"
+    # Step 0 holds the HPARAMS tab's placeholder; then one point per epoch end.
+    epoch_ends = [e.step for e in events.Scalars("val/balanced_accuracy") if e.step > 0]
+    assert epoch_ends == [STEPS_PER_EPOCH * (k + 1) - 1 for k in range(EPOCHS)]
+
+    original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "ckpt_path=last" not in original and f"run_dir={run_dir}" in original
+    (rerun,) = (run_dir / ".hydra").glob("rerun-*")
+    assert "ckpt_path=last" in yaml.safe_load((rerun / "overrides.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.seed=7", "data.seed: 42 -> 7"),
+        ("data.split_fractions=[0.7,0.2,0.1]", "data.split_fractions: [0.8, 0.1, 0.1] -> [0.7, 0.2, 0.1]"),
+        ("data.group_by=image", "data.group_by: 'patient' -> 'image'"),
+    ],
+)  # fmt: skip
+def test_a_resume_that_would_change_the_split_is_refused(
+    short_run, small_root, cache_dir, tmp_path, override, named
+):
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    split_before = (run_dir / "split.csv").read_bytes()
+    result = train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
+        f"run_dir={run_dir}", "ckpt_path=last", override, cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "SplitChangedError" in result.stderr and named in result.stderr
+    assert (run_dir / "split.csv").read_bytes() == split_before
+
+
+def test_a_resume_on_another_file_list_is_refused(short_run, small_root, cache_dir, tmp_path):
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    root = shutil.copytree(small_root, tmp_path / "root", symlinks=True)
+    next((root / "train" / "NORMAL").iterdir()).unlink()
+    result = train(
+        f"data.root={root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
+        f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"data.root: '{small_root}' -> '{root}'" in result.stderr
+    assert "number of images found: 120 -> 119" in result.stderr
+
+
+def test_a_diverged_run_stops_loudly_and_reports_nothing(small_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "diverged"
+    result = train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "optimizer=sgd",
+        "optimizer.lr=1e12", f"run_dir={run_dir}", cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "training diverged at epoch 0, step 1: the training loss was nan" in result.stderr
+    assert not (run_dir / "test_metrics.json").exists()
+    assert not list(run_dir.glob("checkpoints/*.ckpt"))
+    log = (run_dir / "debug.log").read_text()
+    assert "run failed:\nTraceback" in log and "TrainingDivergedError" in log
+
+
+def test_a_run_that_trains_nothing_reports_no_test_metrics(small_root, cache_dir, tmp_path):
+    run_dir = tmp_path / "untrained"
+    result = train(
+        f"data.root={small_root}", "image_size=64", "trainer.max_epochs=0", f"run_dir={run_dir}",
+        cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "took no training step (trainer.max_epochs=0" in result.stderr
+    assert not (run_dir / "test_metrics.json").exists()
+    assert "NothingTrainedError" in (run_dir / "train.log").read_text()

@@ -1,0 +1,77 @@
+"""A config whose parts disagree is refused before anything runs, naming the values."""
+
+from __future__ import annotations
+
+import pytest
+
+from pneumonia.config import OPTIMIZABLE_METRICS, check_explain_config, check_train_config
+from pneumonia.errors import ConfigError
+from pneumonia.explain.figures import SIGNS
+from pneumonia.explain.methods import METHODS
+
+
+@pytest.mark.parametrize(
+    "override", ["data.image_size=64", "model.image_size=64", "model.net.image_size=64"]
+)
+def test_an_image_size_mismatch_is_refused_naming_both_values(compose_config, override):
+    cfg = compose_config(override)
+    with pytest.raises(ConfigError) as raised:
+        check_train_config(cfg)
+    assert override in str(raised.value) and "image_size=128," in str(raised.value)
+
+
+def test_one_image_size_for_everything_passes(compose_config):
+    check_train_config(compose_config("image_size=64"))
+
+
+def test_evaluation_takes_the_size_from_the_checkpoint(compose_config):
+    check_train_config(compose_config("ckpt_path=x.ckpt", "data.image_size=64", config_name="eval"))
+
+
+@pytest.mark.parametrize("metric", ["val/balanced_acc", "balanced_accuracy", "val/loss_epoch", ""])
+def test_an_unknown_optimized_metric_is_refused(compose_config, metric):
+    with pytest.raises(ConfigError, match=f"optimized_metric='{metric}' is not a metric"):
+        check_train_config(compose_config(f"optimized_metric='{metric}'"))
+
+
+def test_every_optimizable_metric_is_one_the_module_computes():
+    import torch
+
+    from pneumonia.metrics.diagnostic import DiagnosticMetrics
+
+    metrics = DiagnosticMetrics(0.5)
+    metrics.update(torch.tensor([0.2, 0.9, 0.6]), torch.tensor([0.0, 1.0, 0.0]))
+    computed = [*metrics.compute(), "loss"]  # the module logs <stage>/<each> and <stage>/loss
+    assert set(OPTIMIZABLE_METRICS) == {f"{s}/{name}" for s in ("val", "test") for name in computed}
+
+
+def test_a_test_metric_needs_the_test(compose_config):
+    with pytest.raises(ConfigError, match="needs the test split, but test=false"):
+        check_train_config(compose_config("optimized_metric=test/auroc", "test=false"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["figure_method=saliency", "methods=[gradcam]"], "figure_method='saliency' is not among"),
+        (["methods=[gradcam,lime]"], r"unknown \['lime'\]"),
+        (["methods=[]"], "methods is empty"),
+        (["signs=[all,upside_down]"], "signs="),
+        (["target=COVID"], "target='COVID' must be one of"),
+    ],
+)
+def test_explain_settings_are_checked_before_attribution(compose_config, overrides, message):
+    cfg = compose_config("ckpt_path=x.ckpt", *overrides, config_name="explain")
+    with pytest.raises(ConfigError, match=message):
+        check_explain_config(cfg, METHODS, SIGNS, ("predicted", "NORMAL", "PNEUMONIA"))
+
+
+def test_explain_py_refuses_a_figure_method_before_loading_anything(compose_config, tmp_path):
+    from pneumonia.explain.run import explain_checkpoint
+
+    # The checkpoint does not exist: the config check must come first.
+    cfg = compose_config(
+        f"ckpt_path={tmp_path / 'missing.ckpt'}", "methods=[gradcam]", config_name="explain"
+    )
+    with pytest.raises(ConfigError, match="figure_method='guided_gradcam'"):
+        explain_checkpoint(cfg)

@@ -1,0 +1,149 @@
+"""Checkpoints are untrusted data: crafted ones are refused, naming the file, and nothing runs.
+
+Each attack is a checkpoint that loads under ``torch.load(weights_only=True)`` but whose
+hyperparameters try to make the loader call something: a function, a class reached through
+another module's attributes, a nested node, a Hydra flag. Each would create ``pwned`` in the test's
+folder if anything ran. Every entry point that reads checkpoints is tried.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pneumonia.errors import CheckpointError
+from pneumonia.model.classifier import XrayClassifier
+
+NET = {"_target_": "pneumonia.model.study_cnn.StudyCNN", "image_size": 32, "channels": [4, 8, 8], "hidden_features": 8}  # fmt: skip
+ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3}
+MARKER = "pwned"
+
+
+def _attacks(marker: Path) -> dict[str, dict]:
+    """Hyperparameter changes, each of which would write ``marker`` if it were honoured."""
+    touch = {"_target_": "os.system", "command": f"touch {marker}"}
+    save = {"_target_": "torch.save", "obj": 1, "f": str(marker)}
+    return {
+        "function": {"net": touch},
+        "allowed prefix, attribute path": {"net": {**touch, "_target_": "pneumonia.model.study_cnn.torch.os.system"}},
+        "torch.nn prefix, attribute path": {"net": {**touch, "_target_": "torch.nn.modules.module.os.system"}},
+        "torchvision prefix": {"net": {**touch, "_target_": "torchvision.models.resnet.os.system"}},
+        "function under torch": {"net": save},
+        "nested node": {"net": {**NET, "channels": [4, 8, touch]}},
+        "nested node in a dict": {"net": {**NET, "extra": {"inner": save}}},
+        "_args_ flag": {"net": {"_target_": "builtins.open", "_args_": [str(marker), "w"]}},
+        "_partial_ flag": {"net": {**NET, "_partial_": True}},
+        "_recursive_ flag": {"net": {**NET, "_recursive_": False, "x": touch}},
+        "optimizer function": {"optimizer": {"_target_": "torch.save", "obj": 1, "f": str(marker)}},
+        "optimizer attribute path": {"optimizer": {**touch, "_target_": "torch.optim.adam.torch.os.system"}},
+        "optimizer base class path": {"optimizer": {"_target_": "torch.optim.Optimizer.__init__"}},
+        "scheduler function": {"scheduler": {**save, "interval": "epoch"}},
+        "scheduler taking a callable": {"scheduler": {"_target_": "torch.optim.lr_scheduler.LambdaLR", "lr_lambda": "os.system"}},
+        "Lightning instantiator": {"_instantiator": "os.system"},
+        "tensor argument": {"net": {**NET, "image_size": torch.tensor(32)}},
+        "non-string key": {"net": {**NET, 1: "x"}},
+        "class weights of another type": {"class_weights": "os.system"},
+        "threshold out of range": {"threshold": 7.0},
+        "interpolation string": {"data_root": None, "net": {**NET, "image_size": "${oc.env:HOME}"}},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def honest_checkpoint(tmp_path_factory) -> dict:
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    loader = DataLoader(
+        TensorDataset(torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8), torch.ones(8)),
+        batch_size=4,
+    )
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    path = tmp_path_factory.mktemp("honest") / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _craft(honest: dict, folder: Path, name: str) -> tuple[Path, Path]:
+    marker = folder / MARKER
+    checkpoint = copy.deepcopy(honest)
+    checkpoint["hyper_parameters"].update(_attacks(marker)[name])
+    path = folder / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    torch.load(path, weights_only=True)  # the attack is a checkpoint that loads safely
+    return path, marker
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("attack", list(_attacks(Path(MARKER))))
+def test_loading_a_crafted_checkpoint_runs_nothing(honest_checkpoint, tmp_path, attack):
+    path, marker = _craft(honest_checkpoint, tmp_path, attack)
+    before = _files(tmp_path)
+    with pytest.raises(CheckpointError, match=str(path)):
+        XrayClassifier.load_from_checkpoint(path, map_location="cpu")
+    assert not marker.exists()
+    assert _files(tmp_path) == before
+
+
+ENTRY_ATTACKS = ["function", "allowed prefix, attribute path", "nested node", "optimizer function"]
+
+
+@pytest.mark.parametrize("attack", ENTRY_ATTACKS)
+def test_evaluating_a_crafted_checkpoint_runs_nothing(
+    honest_checkpoint, compose_config, small_root, tmp_path, attack
+):
+    from pneumonia.training.run import run
+
+    path, marker = _craft(honest_checkpoint, tmp_path, attack)
+    cfg = compose_config(f"ckpt_path={path}", f"data.root={small_root}", config_name="eval")
+    with pytest.raises(CheckpointError, match=str(path)):
+        run(cfg)
+    assert not marker.exists()
+    assert not _files(Path(cfg.paths.output_dir))
+
+
+@pytest.mark.parametrize("attack", ENTRY_ATTACKS)
+def test_explaining_a_crafted_checkpoint_runs_nothing(
+    honest_checkpoint, compose_config, tmp_path, attack
+):
+    from pneumonia.explain.run import explain_checkpoint
+
+    path, marker = _craft(honest_checkpoint, tmp_path, attack)
+    cfg = compose_config(f"ckpt_path={path}", f"images={tmp_path}", config_name="explain")
+    with pytest.raises(CheckpointError, match=str(path)):
+        explain_checkpoint(cfg)
+    assert not marker.exists()
+    assert not _files(Path(cfg.paths.output_dir))
+
+
+def test_only_weights_only_loading_is_offered(honest_checkpoint, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save(honest_checkpoint, path)
+    with pytest.raises(CheckpointError, match="only loaded with weights_only=True"):
+        XrayClassifier.load_from_checkpoint(path, weights_only=False)
+    assert isinstance(XrayClassifier.load_from_checkpoint(path), XrayClassifier)
+
+
+def test_a_pickled_payload_is_refused_naming_the_file(honest_checkpoint, tmp_path):
+    marker = tmp_path / MARKER
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    checkpoint = copy.deepcopy(honest_checkpoint)
+    checkpoint["hyper_parameters"]["data_root"] = Payload()
+    path = tmp_path / "pickled.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=f"{path} could not be loaded with weights_only=True"):
+        XrayClassifier.load_from_checkpoint(path)
+    assert not marker.exists()
