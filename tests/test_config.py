@@ -1,17 +1,25 @@
-"""Every option of every config group composes and builds the object it names."""
+"""Every option of every config group composes, and the objects it builds carry its settings."""
 
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import OmegaConf
+from sklearn.utils.class_weight import compute_class_weight
 
-from pneumonia.data.datamodule import ChestXrayDataModule
+from pneumonia.data.class_weights import balanced_class_weights, no_class_weights
+from pneumonia.data.datamodule import EmptySplitError
+from pneumonia.explain.callback import AttributionMapsCallback
 from pneumonia.model.classifier import XrayClassifier
-from tests.conftest import CONF_DIR
+from pneumonia.training.run import run
+from tests.conftest import CONF_DIR, make_subset
 
 GROUPS = [
     "data",
@@ -26,81 +34,217 @@ GROUPS = [
     "experiment",
     "hparams_search",
 ]
+QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _classifier(cfg) -> XrayClassifier:
+    return instantiate(
+        cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
+    )
+
+
+@pytest.fixture(scope="module")
+def unbalanced_root(data_root, tmp_path_factory) -> Path:
+    """12 NORMAL and 32 PNEUMONIA real images: balanced class weights differ from 1, and the
+    training split (about 35 images) fills a batch of 32."""
+    root = make_subset(data_root, tmp_path_factory.mktemp("unbalanced"), per_class=32)
+    for image in sorted((root / "train" / "NORMAL").iterdir())[12:]:
+        image.unlink()
+    return root
+
+
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_group_option_composes(compose_config, group, option):
+def test_every_group_option_composes_and_resolves(compose_config, group, option):
     cfg = compose_config(f"{group}={option}")
-    assert cfg.image_size > 0
-    if group == "model":
-        module = instantiate(cfg.model, optimizer=cfg.optimizer, _recursive_=False)
-        assert isinstance(module, XrayClassifier)
-        assert module(
-            torch.zeros(2, 1, cfg.image_size, cfg.image_size, dtype=torch.uint8)
-        ).shape == (2,)
-    if group == "optimizer":
-        optimizer = instantiate(cfg.optimizer, params=[torch.nn.Parameter(torch.zeros(1))])
-        assert isinstance(optimizer, torch.optim.Optimizer)
-    if group == "class_weighting":
-        weights = instantiate(cfg.class_weighting)(torch.tensor([0, 1, 1, 1]).numpy())
-        assert weights.shape == (2,)
-    if group == "scheduler":
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        node = {k: v for k, v in cfg.scheduler.items() if k != "interval"}
-        assert isinstance(
-            instantiate(node, optimizer=optimizer), torch.optim.lr_scheduler.LRScheduler
-        )
-    if group in ("logger", "callbacks"):
-        objects = [instantiate(node) for node in (cfg[group] or {}).values()]
-        kind = Logger if group == "logger" else Callback
-        assert all(isinstance(obj, kind) for obj in objects)
-        assert objects or option == "none"
-    if group == "trainer" and option in ("cpu", "default"):
-        assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
-    if group == "trainer" and option == "gpu":
-        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    if group == "trainer" and option == "ddp":
-        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
-    if group == "debug":
-        assert cfg.task_name == "debug"
+    # Resolving every interpolation catches a misspelt reference, which composing alone does not.
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["data"]["image_size"] == resolved["model"]["net"]["image_size"]
 
 
-def test_the_data_and_the_model_follow_one_image_size(compose_config):
-    cfg = compose_config("image_size=96")
-    assert cfg.data.image_size == cfg.model.image_size == cfg.model.net.image_size == 96
-    assert isinstance(instantiate(cfg.data), ChestXrayDataModule)
+@pytest.mark.parametrize("option", _options("optimizer"))
+def test_every_optimizer_option_reaches_the_models_optimizer(compose_config, option):
+    cfg = compose_config(f"optimizer={option}")
+    optimizer = _classifier(cfg).configure_optimizers()
+    assert type(optimizer) is get_class(cfg.optimizer._target_)
+    settings = {k: v for k, v in cfg.optimizer.items() if k != "_target_"}
+    assert settings and {k: optimizer.param_groups[0][k] for k in settings} == settings
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"), [("none", [1.0, 1.0]), ("balanced", [4 / (2 * 1), 4 / (2 * 3)])]
+)
+def test_class_weighting_options(compose_config, option, expected):
+    weighting = instantiate(compose_config(f"class_weighting={option}").class_weighting)
+    np.testing.assert_allclose(weighting(np.array([0, 1, 1, 1])), expected)
+
+
+def test_cosine_scheduler_decays_to_zero_over_the_runs_epochs(compose_config):
+    cfg = compose_config("scheduler=cosine", "trainer.max_epochs=4")
+    config = _classifier(cfg).configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    lr = cfg.optimizer.lr
+    np.testing.assert_allclose(rates, [lr * (1 + np.cos(np.pi * e / 4)) / 2 for e in (1, 2, 3, 4)])
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def _built_as(objects: list, kinds: list[type]) -> bool:
+    """``objects`` are instances of ``kinds``, one each, in order (subclasses count)."""
+    return len(objects) == len(kinds) and all(
+        isinstance(obj, kind) for obj, kind in zip(objects, kinds, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "kinds"),
+    [
+        ("all", [TensorBoardLogger, CSVLogger]),
+        ("csv", [CSVLogger]),
+        ("tensorboard", [TensorBoardLogger]),
+    ],
+)
+def test_logger_options_log_into_the_run_folder(compose_config, option, kinds):
+    cfg = compose_config(f"logger={option}")
+    loggers = [instantiate(node) for node in cfg.logger.values()]
+    assert _built_as(loggers, kinds)
+    for logger in loggers:
+        assert Path(logger.log_dir).parent == Path(cfg.paths.output_dir)
+
+
+@pytest.mark.parametrize(
+    ("option", "kinds"),
+    [
+        ("default", [ModelCheckpoint, ModelSummary, AttributionMapsCallback]),
+        ("early_stopping", [ModelCheckpoint, ModelSummary, AttributionMapsCallback, EarlyStopping]),
+        ("none", []),
+    ],
+)
+def test_callback_options_build_their_callbacks(compose_config, option, kinds):
+    cfg = compose_config(f"callbacks={option}")
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values()]
+    assert _built_as(callbacks, kinds)
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            assert Path(callback.dirpath) == Path(cfg.paths.output_dir, "checkpoints")
+            assert callback.monitor == cfg.optimized_metric and callback.mode == "max"
+        if isinstance(callback, AttributionMapsCallback):
+            assert callback.dirpath == Path(cfg.paths.output_dir, "explanations")
+
+
+def test_cpu_and_default_trainers_build_a_one_device_cpu_trainer(compose_config):
+    for option in ("cpu", "default"):
+        trainer = instantiate(compose_config(f"trainer={option}").trainer, **QUIET)
+        assert type(trainer.accelerator).__name__ == "CPUAccelerator" and trainer.num_devices == 1
+
+
+def test_gpu_trainer_uses_bf16_mixed_precision_and_refuses_a_machine_without_gpu(compose_config):
+    cfg = compose_config("trainer=gpu")
+    if torch.cuda.is_available():
+        trainer = instantiate(cfg.trainer, **QUIET)
+        assert type(trainer.accelerator).__name__ == "CUDAAccelerator"
+    else:
+        with pytest.raises(InstantiationException, match="gpu"):
+            instantiate(cfg.trainer, **QUIET)
+        trainer = instantiate(cfg.trainer, accelerator="cpu", **QUIET)
+    assert trainer.precision == "bf16-mixed"
+
+
+def test_ddp_trainer_runs_two_processes(compose_config):
+    cfg = compose_config("trainer=ddp")
+    trainer = instantiate(cfg.trainer, accelerator="cpu", **QUIET)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+
+
+@pytest.mark.parametrize("option", _options("debug"))
+def test_debug_options_reach_the_trainer(compose_config, option):
+    trainer = instantiate(compose_config(f"debug={option}").trainer, **QUIET)
+    settings = OmegaConf.load(CONF_DIR / "debug" / f"{option}.yaml").trainer
+    assert settings and {k: getattr(trainer, k) for k in settings} == dict(settings)
+
+
+def test_one_image_size_reaches_the_network_and_the_images(compose_config, unbalanced_root):
+    cfg = compose_config("image_size=96", f"data.root={unbalanced_root}")
+    module = _classifier(cfg).eval()
+    assert module.hparams.image_size == 96
+    with pytest.raises(RuntimeError):  # a network built for another size refuses 96 px
+        _classifier(compose_config("image_size=128"))(torch.zeros(1, 1, 96, 96))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    images, _ = next(iter(datamodule.val_dataloader()))
+    assert images.shape[1:] == (1, 96, 96)
+    assert module(images).shape == (len(images),)
 
 
 @pytest.mark.parametrize(
     ("preset", "weighting"),
-    [("study_unweighted", "no_class_weights"), ("study_weighted", "balanced_class_weights")],
+    [("study_unweighted", no_class_weights), ("study_weighted", balanced_class_weights)],
 )
-def test_study_presets_pin_the_study_setup(compose_config, preset, weighting):
-    cfg = compose_config(f"experiment={preset}")
-    assert cfg.trainer.max_epochs == 15
-    assert cfg.data.batch_size == 32
-    assert cfg.optimizer._target_ == "torch.optim.Adam"
-    assert cfg.optimizer.lr == 0.00175 and cfg.optimizer.weight_decay == 0.0001
-    assert cfg.image_size == 128
-    assert list(cfg.data.split_fractions) == [0.8, 0.1, 0.1]
-    assert cfg.class_weighting._target_.endswith(weighting)
+def test_study_presets_train_with_the_study_setup(
+    compose_config, unbalanced_root, preset, weighting
+):
+    cfg = compose_config(f"experiment={preset}", f"data.root={unbalanced_root}")
+    datamodule = instantiate(cfg.data)
+    module = _classifier(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.adopt_data_statistics(datamodule)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, max_steps=2, limit_val_batches=0, enable_checkpointing=False, **QUIET
+    )
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+
+    # Two batches were trained, the first a full batch of 32 images of 128 px.
+    assert trainer.global_step == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    images, _ = next(iter(datamodule.train_dataloader()))
+    assert images.shape == (32, 1, 128, 128)
+    # Adam with the study's learning rate and L2 penalty, 15 epochs, an 80/10/10 split.
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.param_groups[0]["lr"] == 0.00175
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0001
+    assert trainer.max_epochs == 15 and datamodule.split_fractions == (0.8, 0.1, 0.1)
+    # The loss weights the preset's scheme computed from the training labels.
+    train_labels = datamodule.dataset("train").labels.numpy().astype(int)
+    np.testing.assert_allclose(module.hparams.class_weights, weighting(train_labels))
+    balanced = compute_class_weight("balanced", classes=np.array([0, 1]), y=train_labels)
+    assert (preset == "study_weighted") == np.allclose(module.hparams.class_weights, balanced)
 
 
 def test_defaults_are_the_study_unweighted_setup(compose_config):
     default, preset = compose_config(), compose_config("experiment=study_unweighted")
-    for key in ("image_size", "optimizer", "class_weighting", "model"):
-        assert default[key] == preset[key]
-    assert default.trainer.max_epochs == preset.trainer.max_epochs
-    assert default.data.batch_size == preset.data.batch_size
+    for key in ("image_size", "optimizer", "class_weighting", "model", "trainer", "data"):
+        assert default[key] == preset[key], key
 
 
-def test_eval_config_needs_a_checkpoint_and_tests_every_image(compose_config):
-    cfg = compose_config("ckpt_path=x.ckpt", config_name="eval")
-    assert cfg.fit is False and list(cfg.data.split_fractions) == [0.0, 0.0, 1.0]
+def test_eval_config_needs_a_checkpoint_and_tests_every_image_of_a_one_class_folder(
+    compose_config, unbalanced_root
+):
+    # fit=false routes the run to evaluation, which refuses to start without a checkpoint.
+    with pytest.raises(ValueError, match="evaluation needs a checkpoint"):
+        run(compose_config("seed=null", config_name="eval"))  # no global seeding as a side effect
+    folder = unbalanced_root / "train" / "NORMAL"
+    cfg = compose_config(
+        "ckpt_path=x.ckpt", f"data.root={folder}", "image_size=64", config_name="eval"
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    assert len(datamodule.dataset("test")) == 12
+    for split in ("train", "val"):
+        with pytest.raises(EmptySplitError):
+            datamodule.dataset(split)
 
 
 def test_data_root_follows_the_environment(compose_config, monkeypatch):

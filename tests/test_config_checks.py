@@ -58,6 +58,11 @@ def test_a_test_metric_needs_the_test(compose_config):
         (["methods=[]"], "methods is empty"),
         (["signs=[all,upside_down]"], "signs="),
         (["target=COVID"], "target='COVID' must be one of"),
+        (["interpolate_mode=bogus"], "interpolate_mode='bogus' must be one of"),
+        (["batch_size=0"], "batch_size=0 must be a whole number of at least 1"),
+        (["trust.images=0"], "trust.images=0 must be"),
+        (["trust.deletion_steps=0"], "trust.deletion_steps=0 must be"),
+        (["device=cuda"], "device=cuda but this machine has no CUDA GPU"),
     ],
 )
 def test_explain_settings_are_checked_before_attribution(compose_config, overrides, message):

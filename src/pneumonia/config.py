@@ -15,6 +15,8 @@ from pneumonia import CLASS_NAMES
 from pneumonia.errors import ConfigError
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 
+# Grad-CAM's upsampling modes (torch.nn.functional.interpolate on a 2-D map).
+INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
     f"{stage}/{name}" for stage in ("val", "test") for name in (*METRIC_NAMES, "loss")
 )
@@ -79,6 +81,20 @@ def check_explain_config(
     target = str(cfg.target)
     if target.lower() not in {t.lower() for t in targets} and target not in {"0", "1"}:
         raise ConfigError(f"target={target!r} must be one of {list(targets)}")
+    if cfg.interpolate_mode not in INTERPOLATE_MODES:
+        raise ConfigError(
+            f"interpolate_mode={cfg.interpolate_mode!r} must be one of {list(INTERPOLATE_MODES)}"
+        )
+    for key in ("batch_size", "trust.images", "trust.deletion_steps"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a whole number of at least 1")
+    device = str(cfg.device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device} but this machine has no CUDA GPU; use device=cpu")
 
 
 def explain_targets() -> tuple[str, ...]:

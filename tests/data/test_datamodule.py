@@ -7,6 +7,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pneumonia.data.class_weights import balanced_class_weights
 from pneumonia.data.datamodule import ChestXrayDataModule, EmptySplitError
+from pneumonia.data.image_io import load_grayscale
 from tests.conftest import make_subset
 
 
@@ -16,35 +17,59 @@ def _datamodule(root, cache_dir, **kwargs):
 
 
 def test_class_weights_come_from_the_training_split_only(data_root, cache_dir, tmp_path):
+    given: list[np.ndarray] = []
+
+    def recording(labels: np.ndarray) -> np.ndarray:
+        given.append(np.array(labels))
+        return balanced_class_weights(labels)
+
     dm = _datamodule(
-        data_root,
-        cache_dir,
-        class_weighting=balanced_class_weights,
-        split_csv=tmp_path / "split.csv",
+        data_root, cache_dir, class_weighting=recording, split_csv=tmp_path / "split.csv"
     )
     dm.prepare_data()
     dm.setup("fit")
-    train_labels = dm.dataset("train").labels.numpy().astype(int)
+    train_rows = np.flatnonzero(dm.splits == "train")
+    train_labels = np.array([dm.images[i].label for i in train_rows])
+    # The weighting saw the training labels, exactly, and nothing of validation or test.
+    assert len(given) == 1
+    np.testing.assert_array_equal(given[0], train_labels)
+    assert 0 < len(train_labels) < len(dm.images)
     expected = compute_class_weight("balanced", classes=np.array([0, 1]), y=train_labels)
     np.testing.assert_allclose(dm.class_weights, expected)
     assert dm.class_weights[0] > 1.5 > 0.8 > dm.class_weights[1]  # NORMAL is the minority
+    # split.csv records every image with the split it was given, paths relative to the root.
     rows = list(csv.DictReader((tmp_path / "split.csv").open()))
-    assert len(rows) == 5232
-    assert {r["split"] for r in rows} == {"train", "val", "test"}
-    assert sum(r["split"] == "train" for r in rows) == len(train_labels)
-    assert not rows[0]["path"].startswith("/")  # relative to the data root, portable
+    assert {r["path"]: r["split"] for r in rows} == {
+        str(img.path.relative_to(data_root)): split
+        for img, split in zip(dm.images, dm.splits, strict=True)
+    }
+    assert len(rows) == 5232 and {r["split"] for r in rows} == {"train", "val", "test"}
 
 
-def test_batches_are_uint8_images_and_float_labels(small_root, cache_dir):
+def test_batches_hold_the_pixels_and_labels_of_their_split(small_root, cache_dir):
     dm = _datamodule(small_root, cache_dir)
     dm.prepare_data()
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (16, 1, 64, 64) and images.dtype == torch.uint8
-    assert labels.dtype == torch.float32 and set(labels.tolist()) <= {0.0, 1.0}
-    assert 0.1 < dm.pixel_mean < 0.9 and 0.05 < dm.pixel_std < 0.5
-    sizes = [len(dm.dataset(s)) for s in ("train", "val", "test")]
-    assert sum(sizes) == 120 and sizes[0] > 80
+    rows = {split: np.flatnonzero(dm.splits == split) for split in ("train", "val", "test")}
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(120))
+    assert len(rows["train"]) > 80 and len(rows["val"]) <= 16
+    # Validation is not shuffled: its one batch is the val images in order, decoded as uint8.
+    images, labels = next(iter(dm.val_dataloader()))
+    expected = np.stack([load_grayscale(dm.images[i].path, 64) for i in rows["val"]])
+    assert images.dtype == torch.uint8 and images.shape == (len(rows["val"]), 1, 64, 64)
+    np.testing.assert_array_equal(images[:, 0].numpy(), expected)
+    assert labels.dtype == torch.float32
+    assert labels.tolist() == [float(dm.images[i].label) for i in rows["val"]]
+    assert set(labels.tolist()) == {0.0, 1.0}
+    # Training batches are full and come in a new order every epoch.
+    first, second = (torch.cat([x for x, _ in dm.train_dataloader()]) for _ in range(2))
+    assert dm.train_dataloader().batch_size == 16 and len(first) == len(rows["train"])
+    assert not torch.equal(first, second)
+    assert torch.equal(first.sum(dim=0), second.sum(dim=0))  # the same images, reordered
+    # Pixel statistics are those of the training images alone.
+    train = np.stack([load_grayscale(dm.images[i].path, 64) for i in rows["train"]]) / 255.0
+    assert dm.pixel_mean == pytest.approx(train.mean(), rel=1e-9)
+    assert dm.pixel_std == pytest.approx(train.std(), rel=1e-9)
 
 
 def test_memmap_dataset_survives_pickling_into_workers(small_root, cache_dir):

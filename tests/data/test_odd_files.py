@@ -131,3 +131,26 @@ def test_a_run_over_a_folder_of_odd_files_finishes_and_lists_them(data_root, tmp
         assert odd in log  # discovery's warning
     assert "ImageTooLargeError" in log and "ImageTooSmallError" in log  # the cache's warning
     assert "1 of 29 images" in log and "my_own_scan.jpeg" in log  # no patient id
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_listed(data_root, tmp_path, caplog):
+    root = make_subset(data_root, tmp_path / "root", per_class=3)
+    source = next((data_root / "train" / "NORMAL").iterdir())
+    folder = os.fsencode(root / "train" / "NORMAL")
+    odd = os.path.join(folder, b"IM-9107-0001\xff.jpeg")
+    with open(odd, "wb") as f:
+        f.write(source.read_bytes())
+    found = scan_images(root)
+    assert len(found.images) == 6
+    (why,) = found.skipped.values()
+    assert "not valid UTF-8" in why and "IM-9107-0001" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF"])
+def test_other_formats_behind_an_image_suffix_are_refused(data_root, tmp_path, fmt):
+    source = next((data_root / "train" / "NORMAL").iterdir())
+    disguised = tmp_path / "IM-0001-0001.png"
+    Image.open(source).save(disguised, format=fmt)
+    with pytest.raises(OSError, match="cannot identify image file"):
+        load_grayscale(disguised, 64)
+    assert load_grayscale(source, 64).shape == (64, 64)

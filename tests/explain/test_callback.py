@@ -5,12 +5,14 @@ import pickle
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.explain.callback import AttributionMapsCallback
+from pneumonia.explain.methods import ClassScores
 from pneumonia.explain.raster import CAPTION_HEIGHT, TITLE_HEIGHT
 from pneumonia.model.classifier import XrayClassifier
 
@@ -50,7 +52,14 @@ def test_maps_of_the_same_images_every_epoch(small_root, cache_dir, tmp_path):
         "val_epoch000.png",
         "val_epoch001.png",
     ]
-    assert sorted(callback.labels) == [0, 0, 1, 1]  # both classes
+    # Half of each class, the first of each in the validation set's order.
+    val = datamodule.dataset("val")
+    labels = val.labels.tolist()
+    chosen = [i for i, y in enumerate(labels) if y == 0][:2] + [
+        i for i, y in enumerate(labels) if y == 1
+    ][:2]
+    assert callback.labels == [0, 0, 1, 1]
+    assert torch.equal(callback.images, torch.stack([val[i][0] for i in chosen]))
     assert len(callback.seconds) == 2 and (tmp_path / "maps" / "timings.json").is_file()
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     assert len(events.Images("explanations/guided_gradcam/val")) == 2
@@ -81,7 +90,12 @@ def test_callback_pickles_for_ddp_spawn_after_use(small_root, cache_dir, tmp_pat
     datamodule, module, callback, trainer = _setup(small_root, cache_dir, tmp_path)
     trainer.fit(module, datamodule=datamodule)
     clone = pickle.loads(pickle.dumps(callback))
-    assert clone.labels == callback.labels and clone.attribute is not None
+    assert clone.labels == callback.labels and torch.equal(clone.images, callback.images)
+    # The rebuilt attribution function is the same method: the same maps, bit for bit.
+    pixels, targets = callback.images.float() / 255, torch.tensor(callback.labels)
+    model = ClassScores(module)
+    maps = callback.attribute(model, pixels, targets)
+    assert maps.abs().sum() > 0 and torch.equal(clone.attribute(model, pixels, targets), maps)
 
 
 def test_a_failed_background_write_is_raised_not_lost(small_root, cache_dir, tmp_path):

@@ -52,8 +52,11 @@ def test_true_attribution_beats_random_and_reversed_order(setup) -> None:
     chance = random_deletion_auc(
         model, images, targets, generator=torch.Generator().manual_seed(1), repeats=2
     )
-    # Removing the 32 evidence pixels (3% of the image) first collapses the probability at once.
-    assert (faithful < 0.1).all()
+    # Removing the 32 evidence pixels (3% of the image) first collapses the probability at once:
+    # from the first of the 20 steps (round(1024 / 20) = 51 pixels) on, only the bias is left.
+    start, floor = torch.sigmoid(model(images)[:, 1]), torch.sigmoid(torch.tensor(BIAS))
+    first = 51 / 1024
+    torch.testing.assert_close(faithful, first * (start + floor) / 2 + (1 - first) * floor)
     assert (chance > faithful + 0.4).all()
     assert (reversed_order > chance).all()
     assert (reversed_order > 0.9).all()
@@ -63,17 +66,22 @@ def test_true_attribution_beats_random_and_reversed_order(setup) -> None:
     )
 
 
-def test_curve_shape_and_end_points(setup) -> None:
-    model, images, targets = setup
+def test_curve_removes_the_highest_attributions_first(setup) -> None:
+    _, images, targets = setup
+    # Every pixel counts here, and the half-removed score sits near 0 where sigmoid is steepest,
+    # so one pixel more or less removed shows.
+    model = LinearClassModel(torch.full((1, 1, SIDE, SIDE), 0.05), -16.0)
     fractions, probabilities = deletion_curve(model, images, targets, images, steps=8)
-    assert fractions.shape == (9,)
+    # 1024 pixels in 8 steps: 128 more removed at each.
+    torch.testing.assert_close(fractions, torch.arange(9) / 8)
     assert probabilities.shape == (4, 9)
-    assert fractions[0] == 0 and fractions[-1] == 1
-    assert (fractions.diff() > 0).all()
-    start = torch.sigmoid(model(images)[:, 1])
-    torch.testing.assert_close(probabilities[:, 0], start)
+    torch.testing.assert_close(probabilities[:, 0], torch.sigmoid(model(images)[:, 1]))
+    # Halfway the 512 brightest pixels (the highest attributions) are 0.
+    brightest = images.flatten(1).topk(512, dim=1).indices
+    kept = images.flatten(1).scatter(1, brightest, 0.0).view_as(images)
+    torch.testing.assert_close(probabilities[:, 4], torch.sigmoid(model(kept)[:, 1]))
     # Everything replaced by 0 leaves only the bias.
-    torch.testing.assert_close(probabilities[:, -1], torch.sigmoid(torch.full((4,), BIAS)))
+    torch.testing.assert_close(probabilities[:, -1], torch.sigmoid(torch.full((4,), -16.0)))
 
 
 def test_targets_select_the_class_probability(setup) -> None:

@@ -62,6 +62,9 @@ def test_split_rows_leaving_the_data_root_are_refused_named_and_skipped(tmp_path
         ("/etc/shadow", "PNEUMONIA"),
         ("train/../../../outside.jpeg", "PNEUMONIA"),
         ("train/PNEUMONIA/b.jpeg", "COVID"),
+        ("home/user/private_scan.jpeg", "NORMAL"),
+        ("train/PNEUMONIA/d.jpeg", "NORMAL"),
+        ("train/NORMAL/notes.txt", "NORMAL"),
         ("train/PNEUMONIA/c.jpeg", "PNEUMONIA"),
     ]
     csv_path.write_text(
@@ -74,7 +77,10 @@ def test_split_rows_leaving_the_data_root_are_refused_named_and_skipped(tmp_path
         data_root / "train/NORMAL/a.jpeg",
         data_root / "train/PNEUMONIA/c.jpeg",
     ]
-    assert sorted(refused) == sorted(p for p, _ in rows[1:5])
+    assert sorted(refused) == sorted(p for p, _ in rows[1:8])
+    assert "below a NORMAL folder" in refused["home/user/private_scan.jpeg"]
+    assert "below a NORMAL folder" in refused["train/PNEUMONIA/d.jpeg"]
+    assert "not a .jpeg/.jpg/.png image" in refused["train/NORMAL/notes.txt"]
     assert "leaves the data root" in refused["../../etc/passwd"]
     assert "must be relative" in refused["/etc/shadow"]
     assert "'COVID'" in refused["train/PNEUMONIA/b.jpeg"]

@@ -5,6 +5,7 @@ from pneumonia.explain.methods import (
     METHODS,
     ClassScores,
     attribution_fn,
+    eval_mode,
     explain,
     find_layer,
     resolve_targets,
@@ -16,6 +17,14 @@ NET = {
     "channels": [4, 8, 8],
     "hidden_features": 8,
 }
+
+
+def assert_same_map(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float rounding, relative to the map's scale (an untrained model's Guided
+    Grad-CAM is about 1e-6, below assert_close's default absolute tolerance)."""
+    scale = expected.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(actual / scale, expected / scale)
 
 
 def _model(size: int = 32) -> ClassScores:
@@ -32,8 +41,24 @@ def test_every_method_gives_one_map_per_image_at_input_size(method, size):
     model, x = _model(size), torch.rand(3, 1, size, size)
     maps, probabilities, targets = explain(model, x, attribution_fn(method))
     assert maps.shape == (3, 1, size, size) and torch.isfinite(maps).all()
-    assert ((probabilities >= 0) & (probabilities <= 1)).all()
-    assert targets.tolist() == (probabilities >= 0.5).long().tolist()
+    with eval_mode(model), torch.no_grad():
+        logits = model.classifier(x)
+    torch.testing.assert_close(probabilities, torch.sigmoid(logits))
+    assert targets.tolist() == (logits > 0).long().tolist()
+
+
+def test_methods_follow_their_definitions():
+    model, x = _model(), torch.rand(2, 1, 32, 32)
+    targets = torch.tensor([1, 0])
+    maps = {method: attribution_fn(method)(model, x, targets) for method in METHODS}
+    # Saliency: the signed gradient of the explained class score, in eval mode.
+    inputs = x.clone().requires_grad_(True)
+    with eval_mode(model):
+        (gradient,) = torch.autograd.grad(model(inputs).gather(1, targets[:, None]).sum(), inputs)
+    assert_same_map(maps["saliency"], gradient)
+    # Guided Grad-CAM: the upsampled, ReLU'd Grad-CAM times guided backpropagation.
+    assert_same_map(maps["guided_gradcam"], maps["gradcam"] * maps["guided_backprop"])
+    assert (maps["gradcam"] >= 0).all() and maps["gradcam"].abs().sum() > 0
 
 
 def test_normal_is_explained_through_the_negated_logit():
@@ -41,7 +66,7 @@ def test_normal_is_explained_through_the_negated_logit():
     saliency = attribution_fn("saliency")
     normal = saliency(model, x, torch.tensor([0, 0]))
     pneumonia = saliency(model, x, torch.tensor([1, 1]))
-    torch.testing.assert_close(normal, -pneumonia)
+    assert_same_map(normal, -pneumonia)
 
 
 def test_attribution_is_deterministic_and_restores_train_mode_and_in_place():
@@ -50,25 +75,34 @@ def test_attribution_is_deterministic_and_restores_train_mode_and_in_place():
     method = attribution_fn("guided_gradcam")
     first = method(model, x, torch.tensor([1, 0]))
     second = method(model, x, torch.tensor([1, 0]))
-    torch.testing.assert_close(first, second)  # no dropout noise
+    for a, b in zip(first, second, strict=True):
+        assert_same_map(a, b)  # no dropout noise
     assert model.training and all(m.training for m in model.modules())
     assert model.classifier.net.features[1].inplace is True
 
 
 def test_works_inside_inference_mode_as_under_trainer_test():
-    model = _model()
+    model, x = _model(), torch.rand(2, 1, 32, 32)
+    method, targets = attribution_fn("guided_gradcam"), torch.tensor([1, 1])
+    expected = method(model, x, targets)
     with torch.inference_mode():
-        x = torch.rand(2, 1, 32, 32)
-        maps = attribution_fn("guided_gradcam")(model, x, torch.tensor([1, 1]))
-    assert maps.abs().sum() > 0
+        maps = method(model, x.clone(), targets)
+    assert_same_map(maps, expected)
 
 
 def test_grad_cam_upsampling_mode_is_a_setting():
     model, x = _model(), torch.rand(2, 1, 32, 32)
-    targets = torch.tensor([1, 1])
+    targets = torch.tensor([1, 0])
     nearest = attribution_fn("gradcam", interpolate_mode="nearest")(model, x, targets)
     bilinear = attribution_fn("gradcam", interpolate_mode="bilinear")(model, x, targets)
-    assert not torch.allclose(nearest, bilinear)
+    # The last convolution sees 8x8: nearest upsampling repeats each value over 4x4 pixels,
+    # bilinear (the default) blends neighbours.
+    blocks = nearest[..., ::4, ::4].repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1)
+    assert_same_map(nearest, blocks)
+    assert not torch.allclose(
+        bilinear, bilinear[..., ::4, ::4].repeat_interleave(4, -2).repeat_interleave(4, -1)
+    )
+    assert_same_map(attribution_fn("gradcam")(model, x, targets), bilinear)
 
 
 def test_layers_and_targets_are_validated():
@@ -85,5 +119,7 @@ def test_layers_and_targets_are_validated():
     assert resolve_targets(1, scores).tolist() == [1, 1]
     with pytest.raises(ValueError, match="target='COVID'"):
         resolve_targets("COVID", scores)
+    with pytest.raises(ValueError, match="target=2"):
+        resolve_targets(2, scores)
     with pytest.raises(ValueError, match="unknown attribution method 'lime'"):
         attribution_fn("lime")

@@ -37,10 +37,13 @@ def test_regions_sit_where_the_anatomy_is() -> None:
         assert torch.equal(mask, mask.flip(-1))
 
 
-def test_area_shares_sum_to_one() -> None:
+def test_area_shares_of_a_32_pixel_frame() -> None:
+    # Pixel centres (i + 0.5) / 32. Central: columns 11..20 (10) x rows 6..29 (24) = 240 pixels.
+    # Lungs: columns 3..10 and 21..28 (16) x rows 3..28 (26) = 416. Border: the other 368.
     shares = region_area_shares(32, 32)
-    assert sum(shares.values()) == pytest.approx(1.0)
-    assert shares["central"] == pytest.approx(region_masks(32, 32)["central"].float().mean().item())
+    assert shares == pytest.approx(
+        {"central": 240 / 1024, "lungs": 416 / 1024, "border": 368 / 1024}
+    )
 
 
 def test_all_positive_mass_on_a_central_pixel() -> None:
@@ -60,16 +63,22 @@ def test_negative_mass_on_the_border_only() -> None:
     assert torch.isnan(shares["positive"]["border"]).all()
 
 
-def test_shares_sum_to_one_per_sign() -> None:
-    maps = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+def test_shares_split_each_signs_mass_by_region_after_summing_channels() -> None:
+    maps = torch.zeros(1, 2, 32, 32)
+    maps[0, 0, 16, 16] = 1.0  # central
+    maps[0, 0, 12, 6] = 3.0  # left lung
+    maps[0, 1, 0, 0] = -2.0  # border
+    maps[0, 0, 12, 25] = -2.0  # right lung
+    maps[0, 0, 31, 16], maps[0, 1, 31, 16] = 5.0, -5.0  # channels cancel: no mass at all
     shares = region_shares(maps)
-    for sign in ("positive", "negative"):
-        total = sum(shares[sign][name] for name in REGION_NAMES)
-        torch.testing.assert_close(total, torch.ones(5, dtype=torch.float64))
-    # Evenly spread noise lands on each region about in proportion to its area.
-    area = region_area_shares(32, 32)
-    for name in REGION_NAMES:
-        assert shares["positive"][name].mean().item() == pytest.approx(area[name], abs=0.05)
+    expected = {
+        "positive": {"central": 0.25, "lungs": 0.75, "border": 0.0},
+        "negative": {"central": 0.0, "lungs": 0.5, "border": 0.5},
+    }
+    for sign, by_region in expected.items():
+        assert {name: shares[sign][name].item() for name in REGION_NAMES} == pytest.approx(
+            by_region
+        ), sign
 
 
 def test_summary_per_class_skips_images_without_mass() -> None:
@@ -90,14 +99,18 @@ def test_summary_per_class_skips_images_without_mass() -> None:
 
 
 def test_table_lists_classes_regions_and_chance() -> None:
-    maps = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1, 0, 1]))
-    table = format_region_table(rows, region_area_shares(32, 32))
-    lines = table.splitlines()
-    assert len(lines) == 1 + 4 + 1
-    for word in ("NORMAL", "PNEUMONIA", "positive", "negative", *REGION_NAMES):
-        assert word in table
-    assert lines[-1].startswith("area")
-    assert f"{region_area_shares(32, 32)['central']:.1%}" in lines[-1]
+    maps = torch.zeros(2, 1, 32, 32)
+    maps[0, 0, 16, 16] = 1.0  # NORMAL: all positive mass central, no negative mass
+    maps[1, 0, 12, 6], maps[1, 0, 0, 0] = 1.0, -1.0  # PNEUMONIA: positive lungs, negative border
+    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1]))
+    lines = format_region_table(rows, region_area_shares(32, 32)).splitlines()
+    assert [line.split() for line in lines] == [
+        ["class", "sign", "central", "lungs", "border", "images"],
+        ["NORMAL", "positive", "100.0%", "0.0%", "0.0%", "1"],
+        ["NORMAL", "negative", "n/a", "n/a", "n/a", "0"],
+        ["PNEUMONIA", "positive", "0.0%", "100.0%", "0.0%", "1"],
+        ["PNEUMONIA", "negative", "0.0%", "0.0%", "100.0%", "1"],
+        ["area", "(chance)", "23.4%", "40.6%", "35.9%"],
+    ]
     # Fixed width: the numeric columns line up.
     assert len({len(line) for line in lines[:-1]}) == 1

@@ -150,3 +150,17 @@ def test_a_run_that_trains_nothing_reports_no_test_metrics(small_root, cache_dir
     assert "took no training step (trainer.max_epochs=0" in result.stderr
     assert not (run_dir / "test_metrics.json").exists()
     assert "NothingTrainedError" in (run_dir / "train.log").read_text()
+
+
+def test_resuming_a_finished_run_into_a_new_folder_trains_and_reports_nothing(
+    short_run, small_root, cache_dir, tmp_path
+):
+    run_dir = tmp_path / "again"
+    result = train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=1",
+        f"ckpt_path={short_run / 'checkpoints' / 'last.ckpt'}", f"run_dir={run_dir}",
+        cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "was already trained for trainer.max_epochs=1" in result.stderr
+    assert not (run_dir / "test_metrics.json").exists()

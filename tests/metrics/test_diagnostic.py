@@ -1,9 +1,11 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import (
+    accuracy_score,
     balanced_accuracy_score,
     f1_score,
     precision_score,
@@ -57,7 +59,46 @@ def test_single_class_gives_nan_auroc_not_a_crash():
     assert math.isnan(float(values["auroc"]))
     assert float(values["specificity"]) == 0.0  # undefined -> 0, as scikit-learn's zero_division=0
     # Balanced accuracy averages the classes present, as scikit-learn does: here the recall alone.
-    assert float(values["balanced_accuracy"]) == float(values["recall"]) == 0.5
-    assert balanced_accuracy_score([1, 1], [0, 1]) == 0.5
+    assert float(values["recall"]) == 0.5
+    assert float(values["balanced_accuracy"]) == balanced_accuracy_score([1, 1], [0, 1])
     metrics.reset()
     assert metrics.confusion_matrix().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("targets", "probabilities"),
+    [
+        ([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]),  # nothing predicted PNEUMONIA: precision is 0/0
+        ([0, 0, 0], [0.1, 0.7, 0.9]),  # no PNEUMONIA image: recall is 0/0
+        ([1, 1, 1, 0], [0.6, 0.2, 0.9, 0.7]),  # no correct NORMAL prediction
+        ([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]),  # everything wrong: F1 is 0/(0 + 4)
+    ],
+)
+def test_degenerate_predictions_agree_with_scikit_learn(targets, probabilities):
+    metrics = DiagnosticMetrics(threshold=0.5)
+    metrics.update(torch.tensor(probabilities), torch.tensor(targets))
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    predicted = [int(p >= 0.5) for p in probabilities]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns about a class absent from targets
+        expected = {
+            "balanced_accuracy": balanced_accuracy_score(targets, predicted),
+            "precision": precision_score(targets, predicted, zero_division=0),
+            "recall": recall_score(targets, predicted, zero_division=0),
+            "specificity": recall_score(targets, predicted, pos_label=0, zero_division=0),
+            "f1": f1_score(targets, predicted, zero_division=0),
+            "accuracy": accuracy_score(targets, predicted),
+        }
+    assert {k: values[k] for k in expected} == pytest.approx(expected)
+    if len(set(targets)) == 2:
+        assert values["auroc"] == pytest.approx(roc_auc_score(targets, probabilities))
+    else:
+        assert math.isnan(values["auroc"])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.3])
+def test_a_probability_at_the_threshold_is_pneumonia(threshold):
+    metrics = DiagnosticMetrics(threshold)
+    just_below = torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)).item()
+    metrics.update(torch.tensor([threshold, threshold, just_below]), torch.tensor([1, 0, 1]))
+    assert metrics.confusion_matrix().tolist() == [[0, 1], [1, 1]]

@@ -80,33 +80,40 @@ def test_training_loss_is_class_weighted_and_evaluation_loss_is_not():
 
 def test_preprocessing_uses_the_stored_statistics():
     module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, pixel_mean=0.5, pixel_std=0.25)
-    images = torch.full((1, 1, 32, 32), 255, dtype=torch.uint8)
-    assert module.preprocess(images).unique().tolist() == [pytest.approx(2.0)]
+    images = torch.tensor([0, 255], dtype=torch.uint8).repeat(16, 16)[None, None]
+    assert module.preprocess(images).unique().tolist() == [pytest.approx(-2.0), pytest.approx(2.0)]
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "kind"),
+    ("optimizer", "kind", "settings"),
     [
-        (ADAM, torch.optim.Adam),
-        ({"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9}, torch.optim.SGD),
+        (ADAM, torch.optim.Adam, {"lr": 1e-3}),
+        (
+            {"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9},
+            torch.optim.SGD,
+            {"lr": 0.01, "momentum": 0.9},
+        ),
     ],
 )
-def test_optimizer_comes_from_its_config(optimizer, kind):
+def test_optimizer_comes_from_its_config(optimizer, kind, settings):
     module = XrayClassifier(net=NET, optimizer=optimizer, image_size=32)
-    assert isinstance(module.configure_optimizers(), kind)
+    built = module.configure_optimizers()
+    assert type(built) is kind
+    assert {k: built.param_groups[0][k] for k in settings} == settings
+    assert built.param_groups[0]["params"] == list(module.parameters())
 
 
 def test_scheduler_config_is_wired():
     scheduler = {
         "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
         "T_max": 5,
-        "interval": "epoch",
+        "interval": "step",
     }
     module = XrayClassifier(net=NET, optimizer=ADAM, scheduler=scheduler, image_size=32)
     config = module.configure_optimizers()
-    assert isinstance(
-        config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR
-    )
+    built = config["lr_scheduler"]["scheduler"]
+    assert type(built) is torch.optim.lr_scheduler.CosineAnnealingLR and built.T_max == 5
+    assert built.optimizer is config["optimizer"] and config["lr_scheduler"]["interval"] == "step"
 
 
 def _trained_checkpoint(tmp_path):
@@ -128,6 +135,10 @@ def test_predictions_of_a_loaded_model_repeat_and_leave_its_mode_alone(tmp_path)
     first, second = model.predict_proba(images), model.predict_proba(images)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert model.training and model.net.classifier[3].training  # the caller's mode is restored
+    model.net.features.eval()  # a caller's mixed modes come back exactly as they were
+    modes = [m.training for m in model.modules()]
+    model.predict_proba(images)
+    assert [m.training for m in model.modules()] == modes
     model.eval()
     torch.testing.assert_close(model.predict_proba(images), first)
     assert not model.training

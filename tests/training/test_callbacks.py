@@ -14,11 +14,23 @@ from pneumonia.training.callbacks import RunCheckpoint, StopOnDivergence
 class _Scripted(L.LightningModule):
     """A one-weight model whose validation score per epoch is given, and whose loss can go NaN."""
 
-    def __init__(self, val_scores: list[float], nan_at_step: int | None = None) -> None:
+    def __init__(
+        self,
+        val_scores: list[float],
+        nan_at_step: int | None = None,
+        break_at_step: int | None = None,
+    ) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.val_scores = val_scores
         self.nan_at_step = nan_at_step
+        self.break_at_step = break_at_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # As an optimizer step that overflows: the loss was finite, the weights are not.
+        if self.global_step - 1 == self.break_at_step:
+            with torch.no_grad():
+                self.weight.fill_(float("inf"))
 
     def training_step(self, batch, batch_idx):
         loss = (self.weight - batch[0].mean()) ** 2
@@ -119,3 +131,68 @@ def test_an_infinite_loss_is_a_divergence_too():
     guard.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(1.0)}, None, 0)
     with pytest.raises(TrainingDivergedError, match="epoch 1, step 2: the training loss was inf"):
         guard.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(float("inf"))}, None, 0)
+
+
+def test_weights_broken_by_an_epochs_last_step_stop_the_run_before_its_checkpoint(tmp_path):
+    module = _Scripted(val_scores=[0.1, 0.2, 0.3], break_at_step=7)  # the last step of epoch 1
+    with pytest.raises(TrainingDivergedError, match="epoch 1, step 7: the weights weight became"):
+        _fit(module, [StopOnDivergence(), _checkpoint(tmp_path)], epochs=3)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+def _crafted_resume(tmp_path, state_changes):
+    """A checkpoint of a real run whose checkpoint-callback state was edited by someone else."""
+    first = tmp_path / "first"
+    _fit(_Scripted([0.5, 0.4]), [_checkpoint(first)], epochs=1)
+    checkpoint = torch.load(first / "last.ckpt", weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("RunCheckpoint")]
+    state = checkpoint["callbacks"][key]
+    for field, value in state_changes.items():
+        if value is None:
+            state.pop(field, None)
+        else:
+            state[field] = value
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_resumed_checkpoint_cannot_make_the_run_delete_or_test_other_files(tmp_path):
+    victim_file = tmp_path / "victim" / "important.txt"
+    victim_dir = tmp_path / "victim" / "folder"
+    victim_dir.mkdir(parents=True)
+    victim_file.write_text("keep me")
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"a stranger's weights")
+    path = _crafted_resume(
+        tmp_path,
+        {
+            "dirpath": None,  # Lightning then trusts every path below
+            "last_model_path": f"local://{victim_file}",
+            "kth_best_model_path": str(victim_dir),
+            "best_k_models": {str(victim_dir): torch.tensor(0.0), str(other): torch.tensor(9.9)},
+            "best_model_path": str(other),
+            "best_model_score": torch.tensor(9.9),
+        },
+    )
+    run_folder = tmp_path / "resumed"
+    callback = _checkpoint(run_folder)
+    trainer = L.Trainer(
+        max_epochs=3, callbacks=[callback], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(_Scripted([0.5, 0.6, 0.7]), _loader(), _loader(2), ckpt_path=path)
+    assert victim_file.read_text() == "keep me" and victim_dir.is_dir() and other.exists()
+    assert callback.best_model_path == str(run_folder / "best-epoch=2.ckpt")
+    assert sorted(p.name for p in run_folder.iterdir()) == ["best-epoch=2.ckpt", "last.ckpt"]
+
+
+def test_a_moved_run_still_finds_its_best_checkpoint(tmp_path):
+    path = _crafted_resume(tmp_path, {"dirpath": "/where/it/was"})
+    moved = tmp_path / "first"  # the checkpoints are here now, the state names the old folder
+    callback = _checkpoint(moved)
+    callback.load_state_dict(torch.load(path, weights_only=True)["callbacks"][
+        next(k for k in torch.load(path, weights_only=True)["callbacks"] if k.startswith("Run"))
+    ])  # fmt: skip
+    assert callback.best_model_path == str(moved / "best-epoch=0.ckpt")
+    assert callback.last_model_path == str(moved / "last.ckpt")

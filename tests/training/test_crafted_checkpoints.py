@@ -50,6 +50,8 @@ def _attacks(marker: Path) -> dict[str, dict]:
         "class weights of another type": {"class_weights": "os.system"},
         "threshold out of range": {"threshold": 7.0},
         "interpolation string": {"data_root": None, "net": {**NET, "image_size": "${oc.env:HOME}"}},
+        "network size differs from the model's": {"net": {**NET, "image_size": 64}},
+        "hyperparameters not a mapping": {"hyper_parameters": ["os.system"]},
     }  # fmt: skip
 
 
@@ -73,7 +75,11 @@ def honest_checkpoint(tmp_path_factory) -> dict:
 def _craft(honest: dict, folder: Path, name: str) -> tuple[Path, Path]:
     marker = folder / MARKER
     checkpoint = copy.deepcopy(honest)
-    checkpoint["hyper_parameters"].update(_attacks(marker)[name])
+    attack = _attacks(marker)[name]
+    if "hyper_parameters" in attack:
+        checkpoint.update(attack)
+    else:
+        checkpoint["hyper_parameters"].update(attack)
     path = folder / "crafted.ckpt"
     torch.save(checkpoint, path)
     torch.load(path, weights_only=True)  # the attack is a checkpoint that loads safely
@@ -130,7 +136,9 @@ def test_only_weights_only_loading_is_offered(honest_checkpoint, tmp_path):
     torch.save(honest_checkpoint, path)
     with pytest.raises(CheckpointError, match="only loaded with weights_only=True"):
         XrayClassifier.load_from_checkpoint(path, weights_only=False)
-    assert isinstance(XrayClassifier.load_from_checkpoint(path), XrayClassifier)
+    loaded = XrayClassifier.load_from_checkpoint(path)
+    for name, tensor in honest_checkpoint["state_dict"].items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def test_a_pickled_payload_is_refused_naming_the_file(honest_checkpoint, tmp_path):
@@ -147,3 +155,14 @@ def test_a_pickled_payload_is_refused_naming_the_file(honest_checkpoint, tmp_pat
     with pytest.raises(CheckpointError, match=f"{path} could not be loaded with weights_only=True"):
         XrayClassifier.load_from_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(honest_checkpoint, tmp_path, value):
+    checkpoint = copy.deepcopy(honest_checkpoint)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name].view(-1)[0] = value
+    path = tmp_path / "diverged.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=f"{path}.*weights {name} hold NaN or infinite"):
+        XrayClassifier.load_from_checkpoint(path)

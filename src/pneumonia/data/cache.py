@@ -207,7 +207,7 @@ def _check(
         return None, f"the index {index_path} has no pixel file {pixels_path.name} beside it"
     try:
         index = json.loads(index_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError: ValueError
         return None, f"the index {index_path} is not valid JSON ({err})"
     problem = _index_problem(index, key, count, image_size)
     if problem is not None:

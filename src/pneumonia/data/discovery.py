@@ -122,6 +122,12 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
                 continue
             path = Path(dirpath, name)
             try:
+                str(path).encode("utf-8")
+            except UnicodeEncodeError:
+                # Undecodable bytes in a name: caches, split.csv and logs could not record it.
+                skipped[repr(str(path))] = "the file name is not valid UTF-8; rename the file"
+                continue
+            try:
                 st = os.stat(path)  # follows links; a dangling or looping one raises
             except OSError as err:
                 skipped[str(path)] = stat_error_reason(path, err)

@@ -132,7 +132,9 @@ def load_grayscale(path: str | Path, image_size: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                img = Image.open(file)
+                # Only the formats the file names promise: PIL would otherwise open any of its
+                # dozens of formats (TIFF with NaNs, EPS through Ghostscript, ...).
+                img = Image.open(file, formats=("JPEG", "PNG"))
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise ImageTooLargeError(f"{path}: {err}") from err
         with img:

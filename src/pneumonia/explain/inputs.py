@@ -34,6 +34,13 @@ def _from_split_csv(
         path, why = _inside(data_root, row.get("path") or "")
         if why is None and row.get("label") not in CLASS_NAMES:
             why = f"label {row.get('label')!r} is not one of {list(CLASS_NAMES)}"
+        if why is None and path.suffix.lower() not in IMAGE_SUFFIXES:
+            why = f"not a {'/'.join(sorted(IMAGE_SUFFIXES))} image"
+        if why is None and label_of(path.relative_to(data_root).parent.parts) != CLASS_NAMES.index(
+            row["label"]
+        ):
+            # A split file lists images below their class's folder; anything else is not ours.
+            why = f"the path does not lie below a {row['label']} folder"
         if why is not None:
             refused[str(row.get("path"))] = why
             log.error(
@@ -78,8 +85,10 @@ def collect_images(
     ``split.csv``: that test split (paths relative to ``data_root``); an image file; or a folder,
     searched recursively (labels from ``NORMAL``/``PNEUMONIA`` folder names when present).
 
-    A split file's rows that leave ``data_root`` (absolute paths, ``..``) or carry an unknown label
-    are refused, logged, skipped and recorded in ``refused`` (path -> reason).
+    A split file's rows are refused, logged, skipped and recorded in ``refused`` (path -> reason)
+    when they leave ``data_root`` (absolute paths, ``..``), carry an unknown label, are not image
+    files, or do not lie below a folder named after their label (as every image a split lists
+    does): a checkpoint's recorded data root and a run's ``split.csv`` are data from others.
 
     Raises:
         FileNotFoundError: nothing to explain at that path, with what was expected.

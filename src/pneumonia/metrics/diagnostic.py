@@ -72,7 +72,9 @@ class DiagnosticMetrics(nn.Module):
     def update(self, probabilities: torch.Tensor, targets: torch.Tensor) -> None:
         """Add a batch: ``probabilities`` ``(B,)`` in [0, 1], ``targets`` ``(B,)`` in {0, 1}."""
         targets = targets.long()
-        self.stat_scores.update(probabilities, targets)
+        # Decided here, not by torchmetrics (which counts only p > threshold): at the threshold
+        # is PNEUMONIA, as the docs, the figures and explain.py say.
+        self.stat_scores.update((probabilities >= self.threshold).long(), targets)
         self.auroc.update(probabilities, targets)
 
     def confusion_matrix(self) -> torch.Tensor:

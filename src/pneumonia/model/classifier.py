@@ -89,7 +89,7 @@ class XrayClassifier(L.LightningModule):
         registry.check("optimizer", optimizer)
         registry.check("scheduler", _without_interval(scheduler))
         _check_plain_hyperparameters(
-            image_size, class_weights, pixel_mean, pixel_std, threshold, channels_last, data_root,
+            net, image_size, class_weights, pixel_mean, pixel_std, threshold, channels_last, data_root,
             split,
         )  # fmt: skip
         # Hyperparameters are logged by the run itself, together with the metrics they produced.
@@ -127,7 +127,7 @@ class XrayClassifier(L.LightningModule):
                 checkpoint_path, map_location=map_location, strict=strict, weights_only=True,
                 **kwargs,
             )  # fmt: skip
-        except (registry.UnsafeConfigError, TypeError, ValueError) as err:
+        except (registry.UnsafeConfigError, TypeError, ValueError, AttributeError, KeyError) as err:
             raise CheckpointError(f"{checkpoint_path} was refused: {err}") from err
         except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
             first_line = str(err).splitlines()[0] if str(err) else ""
@@ -135,6 +135,19 @@ class XrayClassifier(L.LightningModule):
                 f"{checkpoint_path} could not be loaded with weights_only=True "
                 f"({type(err).__name__}: {first_line})"
             ) from err
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse weights that are not finite, whichever way the checkpoint is loaded."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping):
+            raise CheckpointError("the checkpoint has no state_dict of weights")
+        for name, tensor in state.items():
+            floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            if floating and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"the checkpoint's weights {name} hold NaN or infinite values; it comes "
+                    "from a diverged run and gives no meaningful predictions"
+                )
 
     # ----- preprocessing and inference -------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,13 +177,14 @@ class XrayClassifier(L.LightningModule):
             ValueError: another shape, size, dtype or value range, saying what is expected.
         """
         batch = self._as_image_batch(images)
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             with torch.no_grad():
                 return torch.sigmoid(self(batch).float())
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def _as_image_batch(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         images = torch.as_tensor(images)
@@ -356,7 +370,15 @@ def _without_interval(scheduler: Mapping[str, Any] | None) -> dict[str, Any] | N
 
 
 def _check_plain_hyperparameters(
-    image_size, class_weights, pixel_mean, pixel_std, threshold, channels_last, data_root, split
+    net,
+    image_size,
+    class_weights,
+    pixel_mean,
+    pixel_std,
+    threshold,
+    channels_last,
+    data_root,
+    split,
 ) -> None:
     """Type and range checks of the non-network hyperparameters (a checkpoint may hold anything)."""
 
@@ -369,6 +391,10 @@ def _check_plain_hyperparameters(
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise TypeError(f"image_size={image_size!r} must be an integer")
     number("image_size", image_size, 1, 65536)
+    if isinstance(net, Mapping) and net.get("image_size", image_size) != image_size:
+        raise ValueError(
+            f"net.image_size={net.get('image_size')!r} differs from image_size={image_size}"
+        )
     number("pixel_mean", pixel_mean, 0.0, 1.0)
     number("pixel_std", pixel_std, 1e-6, 1.0)
     number("threshold", threshold, 0.0, 1.0)

@@ -1,10 +1,12 @@
 """Callbacks that keep a run honest: checkpoints a resume can trust, and a stop when training diverges.
 
-- :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` with two guarantees it lacks in 2.6:
+- :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` with three guarantees it lacks in 2.6:
   ``last.ckpt`` is rewritten after every epoch (Lightning rewrites it only when the monitored
-  metric improves, so a resume redid the epochs since the best one), and every checkpoint is
-  written to a temporary file and renamed, so a run killed while saving leaves the previous
-  checkpoint intact.
+  metric improves, so a resume redid the epochs since the best one); every checkpoint is written
+  to a temporary file and renamed, so a run killed while saving leaves the previous checkpoint
+  intact; and the paths a resumed checkpoint records are only believed inside this run's
+  checkpoint folder (Lightning trusts a state without ``dirpath`` whole, and would later delete
+  or test whatever paths it names, ``local:///anything`` included).
 - :class:`StopOnDivergence` stops the run with :class:`~pneumonia.errors.TrainingDivergedError`
   when the training loss becomes NaN or infinite, naming the epoch, step and loss, before a
   checkpoint of the broken weights is saved or a test reports metrics of them.
@@ -12,7 +14,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
 from weakref import proxy
 
@@ -21,6 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from pneumonia.errors import TrainingDivergedError
+
+log = logging.getLogger(__name__)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -51,6 +57,55 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_saved_at_step = trainer.global_step
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state of a resumed run, keeping only paths inside this callback's folder.
+
+        A recorded path is taken by its file name inside ``dirpath`` (so a moved run folder still
+        finds its best checkpoint) and dropped when no such file exists; nothing outside
+        ``dirpath`` is ever tested, kept or deleted because a checkpoint named it.
+        """
+        state = dict(state_dict)
+        state["dirpath"] = self.dirpath  # Lightning then restores the (cleaned) fields below
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = self._inside(state.get(key)) or ""
+        kept = {}
+        for path, score in dict(state.get("best_k_models") or {}).items():
+            inside = self._inside(path)
+            if inside:
+                kept[inside] = score
+        state["best_k_models"] = kept
+        if not state["best_model_path"]:
+            state["best_model_score"] = None
+        dropped = [
+            f"{key}={state_dict.get(key)!r}"
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path")
+            if state_dict.get(key) and Path(str(state_dict[key])).name != Path(state[key]).name
+        ]
+        if dropped:
+            log.warning(
+                "the resumed checkpoint records paths outside %s that are not there; ignored: %s",
+                self.dirpath,
+                ", ".join(dropped),
+            )
+        super().load_state_dict(state)
+
+    def _inside(self, path: Any) -> str | None:
+        """``dirpath / <file name of path>`` if that file exists, else None."""
+        if not isinstance(path, str) or not path or self.dirpath is None:
+            return None
+        name = Path(path.split("://")[-1]).name
+        candidate = Path(self.dirpath) / name
+        return str(candidate) if name and candidate.is_file() else None
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        # Never delete anything outside this run's checkpoint folder, whatever the protocol.
+        if "://" in str(previous) or self.dirpath is None:
+            return False
+        folder = Path(self.dirpath).resolve()
+        if Path(previous).resolve().parent != folder:
+            return False
+        return super()._should_remove_checkpoint(trainer, previous, current)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # As ModelCheckpoint._save_checkpoint, but written aside and renamed into place.
@@ -100,11 +155,13 @@ class StopOnDivergence(Callback):
             self._raise_if_diverged()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._raise_if_diverged()
+            self._raise_if_weights_broken(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raise_if_diverged()
+        self._raise_if_weights_broken(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raise_if_diverged()
@@ -117,8 +174,28 @@ class StopOnDivergence(Callback):
             return
         raise TrainingDivergedError(
             f"training diverged at epoch {int(epoch)}, step {int(step)}: the training loss was "
-            f"{loss}. The run stops here: no checkpoint of these weights is saved and no test "
-            "metrics are reported. Lower the learning rate (optimizer.lr=...), clip gradients "
-            "(trainer.gradient_clip_val=1.0) or check the input data; resuming from last.ckpt "
-            "repeats the epochs after the last good checkpoint"
+            f"{loss}. {_WHAT_NOW}"
         )
+
+    @staticmethod
+    def _raise_if_weights_broken(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The loss is computed before the optimizer step: the last step of an epoch can break the
+        # weights with a finite loss. One check per epoch, before validation and checkpoints.
+        finite = [p.isfinite().all() for p in pl_module.parameters() if p.is_floating_point()]
+        if finite and not bool(torch.stack(finite).all()):
+            broken = next(
+                name for name, p in pl_module.named_parameters() if not bool(p.isfinite().all())
+            )
+            raise TrainingDivergedError(
+                f"training diverged at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step - 1}: the weights {broken} became NaN or infinite. "
+                f"{_WHAT_NOW}"
+            )
+
+
+_WHAT_NOW = (
+    "The run stops here: no checkpoint of these weights is saved and no test metrics are "
+    "reported. Lower the learning rate (optimizer.lr=...), clip gradients "
+    "(trainer.gradient_clip_val=1.0) or check the input data; resuming from last.ckpt repeats "
+    "the epochs after the last good checkpoint"
+)

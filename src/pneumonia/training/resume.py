@@ -42,16 +42,20 @@ class ResumePoint:
         )
 
     def check_same_model(self, hparams: dict[str, Any]) -> None:
-        """Refuse to resume into another architecture or image size.
+        """Refuse to resume into another architecture, image size, optimizer or scheduler.
+
+        Lightning restores the optimizer's and scheduler's state from the checkpoint, so new
+        settings for them would be recorded in the checkpoint but silently not used.
 
         Raises:
             CheckpointError: naming both values.
         """
-        for key in ("net", "image_size"):
+        for key in ("net", "image_size", "optimizer", "scheduler"):
             if self.hparams.get(key) != hparams[key]:
                 raise CheckpointError(
                     f"{self.path} was trained with {key}={self.hparams.get(key)}, but this run "
-                    f"configures {key}={hparams[key]}; resume with the overrides of the original run"
+                    f"configures {key}={hparams[key]}; resume with the overrides of the original "
+                    "run (a resume continues that run; start a new one for other settings)"
                 )
 
     def check_same_split(self, settings: dict[str, Any]) -> None:

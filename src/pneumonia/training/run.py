@@ -109,6 +109,17 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
             "is no trained model and no test metrics are reported. Train for at least one epoch, "
             "or evaluate an existing checkpoint: python train.py --config-name eval ckpt_path=..."
         )
+    if (
+        resume is not None
+        and not resume.is_in(output_dir)
+        and trainer.global_step == resume.global_step
+    ):
+        raise NothingTrainedError(
+            f"{resume.path} was already trained for trainer.max_epochs="
+            f"{cfg.trainer.get('max_epochs')}, so this run trained nothing and reports no test "
+            "metrics; raise trainer.max_epochs to train on, or evaluate it: python train.py "
+            "--config-name eval ckpt_path=..."
+        )
     score = _best_score(trainer, checkpoint, cfg.optimized_metric)
     if cfg.get("test", True):
         best = checkpoint.best_model_path if checkpoint is not None else None
