@@ -21,3 +21,7 @@ class NothingTrainedError(RuntimeError):
 
 class SplitChangedError(ValueError):
     """A run would get a different train/val/test split than the one it was started with."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A network whose outputs are NaN or infinite: its metrics would mean nothing."""

@@ -92,3 +92,27 @@ def test_a_split_file_with_only_refused_rows_is_an_error(tmp_path):
     csv_path.write_text("path,label,patient,split\n/etc/passwd,NORMAL,x,test\n")
     with pytest.raises(ValueError, match="every 'test' image was refused"):
         collect_images(csv_path, tmp_path / "m.ckpt", tmp_path)
+
+
+def test_a_recorded_data_root_must_look_like_a_dataset(tmp_path):
+    from pneumonia.explain.inputs import looks_like_a_dataset
+
+    (tmp_path / "home" / "docs" / "Normal-ish").mkdir(parents=True)
+    assert not looks_like_a_dataset(tmp_path / "home")
+    assert not looks_like_a_dataset(tmp_path / "missing")
+    (tmp_path / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
+    assert looks_like_a_dataset(tmp_path / "chest_xray")
+    assert not looks_like_a_dataset(tmp_path / "chest_xray", depth=1)
+
+
+def test_a_folder_with_a_name_that_is_not_utf8_explains_the_others(tmp_path):
+    import os
+
+    (tmp_path / "NORMAL").mkdir()
+    (tmp_path / "NORMAL" / "a.jpeg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path / "NORMAL"), b"b\xff.jpeg"), "wb") as f:
+        f.write(b"x")
+    refused: dict[str, str] = {}
+    items = collect_images(tmp_path, tmp_path / "m.ckpt", tmp_path, refused)
+    assert [i.path.name for i in items] == ["a.jpeg"]
+    assert list(refused.values()) == ["the file name is not valid UTF-8"]

@@ -126,14 +126,25 @@ def test_a_resume_on_another_file_list_is_refused(short_run, small_root, cache_d
     assert "number of images found: 120 -> 119" in result.stderr
 
 
-def test_a_diverged_run_stops_loudly_and_reports_nothing(small_root, cache_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer=sgd", "optimizer.lr=1e12"], "diverged at epoch 0, step 1: the training loss was nan"),
+        # One Adam step at lr=1e30: finite loss and weights, outputs that overflow.
+        (["optimizer.lr=1e30", "trainer.max_epochs=1", "trainer.limit_train_batches=1"],
+         "diverged by epoch 0, step 0: the validation loss is nan"),
+    ],
+)  # fmt: skip
+def test_a_diverged_run_stops_loudly_and_reports_nothing(
+    small_root, cache_dir, tmp_path, overrides, message
+):
     run_dir = tmp_path / "diverged"
     result = train(
-        f"data.root={small_root}", "image_size=64", "debug=limit", "optimizer=sgd",
-        "optimizer.lr=1e12", f"run_dir={run_dir}", cache_dir=cache_dir, check=False,
+        f"data.root={small_root}", "image_size=64", "debug=limit", *overrides, f"run_dir={run_dir}",
+        cache_dir=cache_dir, check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "training diverged at epoch 0, step 1: the training loss was nan" in result.stderr
+    assert message in result.stderr
     assert not (run_dir / "test_metrics.json").exists()
     assert not list(run_dir.glob("checkpoints/*.ckpt"))
     log = (run_dir / "debug.log").read_text()

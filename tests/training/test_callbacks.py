@@ -19,12 +19,14 @@ class _Scripted(L.LightningModule):
         val_scores: list[float],
         nan_at_step: int | None = None,
         break_at_step: int | None = None,
+        val_loss_nan_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.val_scores = val_scores
         self.nan_at_step = nan_at_step
         self.break_at_step = break_at_step
+        self.val_loss_nan_epoch = val_loss_nan_epoch
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # As an optimizer step that overflows: the loss was finite, the weights are not.
@@ -40,6 +42,8 @@ class _Scripted(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.log("val/score", self.val_scores[self.current_epoch])
+        nan = self.current_epoch == self.val_loss_nan_epoch
+        self.log("val/loss", float("nan") if nan else 0.1)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -196,3 +200,37 @@ def test_a_moved_run_still_finds_its_best_checkpoint(tmp_path):
     ])  # fmt: skip
     assert callback.best_model_path == str(moved / "best-epoch=0.ckpt")
     assert callback.last_model_path == str(moved / "last.ckpt")
+
+
+def test_a_non_finite_validation_loss_stops_the_run_before_its_checkpoint(tmp_path):
+    # Finite weights whose outputs overflow (Adam at lr=1e30): only the validation loss shows it.
+    module = _Scripted(val_scores=[0.1, 0.2, 0.3], val_loss_nan_epoch=1)
+    with pytest.raises(
+        TrainingDivergedError, match="by epoch 1, step 7: the validation loss is nan"
+    ):
+        _fit(module, [StopOnDivergence(), _checkpoint(tmp_path)], epochs=3)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"best_model_path": "/x/last.ckpt", "best_model_score": torch.tensor(2.0)},
+        {"best_k_models": {"/x/last.ckpt": torch.tensor(2.0)}, "best_model_path": "/x/last.ckpt"},
+        {"best_model_score": "abc"},
+        {"best_model_score": torch.tensor(float("nan"))},
+        {"kth_best_model_path": "/x/last.ckpt"},
+    ],
+)
+def test_a_forged_ranking_is_reset_not_believed(tmp_path, changes):
+    path = _crafted_resume(tmp_path, changes)
+    run_folder = tmp_path / "first"  # resumed in place: its files are all there
+    callback = _checkpoint(run_folder)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[callback], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(_Scripted([0.5, 0.4]), _loader(), _loader(2), ckpt_path=path)
+    # The ranking restarted: epoch 1's own score (0.4) is the best this resumed run has seen.
+    assert callback.best_model_path == str(run_folder / "best-epoch=1.ckpt")
+    assert float(callback.best_model_score) == pytest.approx(0.4)

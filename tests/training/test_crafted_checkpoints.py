@@ -157,11 +157,15 @@ def test_a_pickled_payload_is_refused_naming_the_file(honest_checkpoint, tmp_pat
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_weights_that_are_not_finite_are_refused(honest_checkpoint, tmp_path, value):
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [(float("nan"), torch.float32), (float("inf"), torch.float32), (1e300, torch.float64)],
+)
+def test_weights_that_are_not_finite_are_refused(honest_checkpoint, tmp_path, value, dtype):
     checkpoint = copy.deepcopy(honest_checkpoint)
     name = next(iter(checkpoint["state_dict"]))
-    checkpoint["state_dict"][name].view(-1)[0] = value
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name].to(dtype)
+    checkpoint["state_dict"][name].view(-1)[0] = value  # 1e300 is finite only in float64
     path = tmp_path / "diverged.ckpt"
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=f"{path}.*weights {name} hold NaN or infinite"):

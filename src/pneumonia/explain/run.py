@@ -18,7 +18,7 @@ from pneumonia.config import check_explain_config, explain_targets
 from pneumonia.data.image_io import load_grayscale
 from pneumonia.explain.faithfulness import deletion_auc, random_deletion_auc
 from pneumonia.explain.figures import SIGNS, attribution_grid, close, describe, study_figure
-from pneumonia.explain.inputs import ImageToExplain, collect_images
+from pneumonia.explain.inputs import ImageToExplain, collect_images, looks_like_a_dataset
 from pneumonia.explain.methods import (
     METHODS,
     ClassScores,
@@ -84,8 +84,19 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         )
     log.info("explaining %s (%dpx)", ckpt_path, trained_size)
 
-    # A run's split.csv holds paths relative to the data it was trained on, which the checkpoint records.
-    data_root = Path(cfg.data_root or hparams.get("data_root") or cfg.fallback_data_root)
+    # A run's split.csv holds paths relative to the data it was trained on, which the checkpoint
+    # records; a checkpoint is someone else's data, so its root must at least look like a dataset.
+    recorded = hparams.get("data_root")
+    if cfg.data_root is None and recorded is not None and not looks_like_a_dataset(recorded):
+        log.warning(
+            "ignoring the data root %r recorded in %s: it holds no NORMAL or PNEUMONIA folder near "
+            "its top; using %s (pass data_root=<folder> to choose)",
+            recorded,
+            ckpt_path,
+            cfg.fallback_data_root,
+        )
+        recorded = None
+    data_root = Path(cfg.data_root or recorded or cfg.fallback_data_root)
     refused: dict[str, str] = {}
     items = collect_images(cfg.images, ckpt_path, data_root, refused)
     # Classes interleaved, so a capped set, the summary sheet and the trust checks see both.

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,18 @@ class RunCheckpoint(ModelCheckpoint):
         kept = {}
         for path, score in dict(state.get("best_k_models") or {}).items():
             inside = self._inside(path)
-            if inside:
+            if inside and Path(inside).name != "last.ckpt" and _finite_number(score):
                 kept[inside] = score
         state["best_k_models"] = kept
+        consistent = all(
+            state[key] in kept for key in ("best_model_path", "kth_best_model_path") if state[key]
+        ) and _finite_number(state.get("best_model_score"), allow_none=not state["best_model_path"])
+        if not consistent:
+            # Scores and paths that do not agree were not written by this callback: start the
+            # ranking afresh rather than believe a score no checkpoint of this run earned.
+            log.warning("the resumed checkpoint's ranking of checkpoints is inconsistent; reset")
+            state.update(best_k_models={}, best_model_path="", kth_best_model_path="")
+            state.update(best_model_score=None, kth_value=self.kth_value)
         if not state["best_model_path"]:
             state["best_model_score"] = None
         dropped = [
@@ -159,6 +169,19 @@ class StopOnDivergence(Callback):
             self._raise_if_diverged()
             self._raise_if_weights_broken(trainer, pl_module)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Finite weights can still be useless: Adam at lr=1e30 makes them ~1e30 and the outputs
+        # overflow. A non-finite validation loss stops the run before this epoch's checkpoint.
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.state.fn != "fit" or trainer.sanity_checking or loss is None:
+            return
+        if not math.isfinite(float(loss)):
+            raise TrainingDivergedError(
+                f"training diverged by epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step - 1}: the validation loss is {float(loss)} (the network's "
+                f"outputs are no longer finite). {_WHAT_NOW}"
+            )
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raise_if_diverged()
         self._raise_if_weights_broken(trainer, pl_module)
@@ -191,6 +214,14 @@ class StopOnDivergence(Callback):
                 f"{trainer.global_step - 1}: the weights {broken} became NaN or infinite. "
                 f"{_WHAT_NOW}"
             )
+
+
+def _finite_number(value: Any, allow_none: bool = False) -> bool:
+    if value is None:
+        return allow_none
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.is_floating_point() and bool(value.isfinite())
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _WHAT_NOW = (

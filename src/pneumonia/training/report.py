@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 
 from pneumonia import CLASS_NAMES
+from pneumonia.errors import NonFiniteOutputError
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 
 
@@ -53,6 +55,13 @@ class TestReportWriter(Callback):
         report = getattr(pl_module, "test_report", None)
         if report is None or not trainer.is_global_zero:
             return
+        loss = trainer.callback_metrics.get("test/loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteOutputError(
+                f"the test loss is {float(loss)}: the network's outputs are not finite (its weights "
+                f"overflow), so its metrics mean nothing and no {self.output_dir / 'test_metrics.json'} "
+                "is written; the checkpoint comes from a diverged run"
+            )
         extra = {
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "class_weights": pl_module.hparams.get("class_weights"),

@@ -1,0 +1,36 @@
+"""The test report is written only for a network whose outputs mean something."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pneumonia.errors import NonFiniteOutputError
+from pneumonia.training.report import TestReportWriter
+
+REPORT = {"metrics": {"balanced_accuracy": 0.5}, "confusion_matrix": [[1, 0], [1, 0]], "images": 2}
+
+
+def _end_test(tmp_path, loss):
+    trainer = SimpleNamespace(
+        is_global_zero=True, callback_metrics={"test/loss": torch.tensor(loss)}, ckpt_path=None
+    )
+    module = SimpleNamespace(test_report=REPORT, hparams={"class_weights": None})
+    TestReportWriter(tmp_path).on_test_end(trainer, module)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_a_non_finite_test_loss_writes_no_report(tmp_path, loss):
+    with pytest.raises(NonFiniteOutputError, match="outputs are not finite"):
+        _end_test(tmp_path, loss)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_finite_test_loss_writes_the_report(tmp_path):
+    _end_test(tmp_path, 0.7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "test_confusion_matrix.png",
+        "test_metrics.json",
+    ]
