@@ -96,6 +96,37 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
     checkpoint = trainer.checkpoint_callback
     if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
         checkpoint = None
+    _refuse_untrained(trainer, checkpoint, resume, cfg, output_dir)
+    score = _best_score(trainer, checkpoint, cfg.optimized_metric)
+    if cfg.get("test", True):
+        best = checkpoint.best_model_path if checkpoint is not None else None
+        if best is None:
+            weights = (
+                f"the weights after {trainer.global_step} training step(s) of a fast_dev_run: a "
+                "smoke test, not a result"
+                if trainer.fast_dev_run
+                else f"the final weights after {trainer.global_step} training step(s); no "
+                "checkpoint was saved"
+            )
+            log.warning("no best checkpoint was saved; testing %s", weights)
+        else:
+            weights = f"the best checkpoint by {checkpoint.monitor}"
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        report = _print_report(trainer, output_dir, {"best_val_score": score, "weights": weights})
+        if cfg.optimized_metric.startswith("test/"):
+            name = cfg.optimized_metric.removeprefix("test/")
+            score = _as_float((report or {}).get("metrics", {}).get(name))
+    return score
+
+
+def _refuse_untrained(
+    trainer: L.Trainer,
+    checkpoint: ModelCheckpoint | None,
+    resume: ResumePoint | None,
+    cfg: DictConfig,
+    output_dir: Path,
+) -> None:
+    """Raise NothingTrainedError when this fit trained nothing whose test could be a result."""
     # ddp_spawn trains in workers: the launching trainer sees their checkpoint and metrics only.
     trained = (
         trainer.global_step > 0
@@ -120,26 +151,6 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
             "metrics; raise trainer.max_epochs to train on, or evaluate it: python train.py "
             "--config-name eval ckpt_path=..."
         )
-    score = _best_score(trainer, checkpoint, cfg.optimized_metric)
-    if cfg.get("test", True):
-        best = checkpoint.best_model_path if checkpoint is not None else None
-        if best is None:
-            weights = (
-                f"the weights after {trainer.global_step} training step(s) of a fast_dev_run: a "
-                "smoke test, not a result"
-                if trainer.fast_dev_run
-                else f"the final weights after {trainer.global_step} training step(s); no "
-                "checkpoint was saved"
-            )
-            log.warning("no best checkpoint was saved; testing %s", weights)
-        else:
-            weights = f"the best checkpoint by {checkpoint.monitor}"
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-        report = _print_report(trainer, output_dir, {"best_val_score": score, "weights": weights})
-        if cfg.optimized_metric.startswith("test/"):
-            name = cfg.optimized_metric.removeprefix("test/")
-            score = _as_float((report or {}).get("metrics", {}).get(name))
-    return score
 
 
 def _best_score(
