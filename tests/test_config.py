@@ -62,7 +62,7 @@ def test_every_group_option_composes_and_resolves(compose_config, group, option)
     cfg = compose_config(f"{group}={option}")
     # Resolving every interpolation catches a misspelt reference, which composing alone does not.
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["data"]["image_size"] == resolved["model"]["net"]["image_size"]
+    assert resolved["data"]["image_size"] == resolved["model"]["image_size"] == cfg.image_size
 
 
 @pytest.mark.parametrize("option", _options("optimizer"))

@@ -41,12 +41,16 @@ class ClassScores(nn.Module):
 
 
 def find_layer(model: nn.Module, name: str | None) -> nn.Module:
-    """The module called ``name`` (dotted path, e.g. ``net.features.6``), or the last ``Conv2d``.
+    """The module called ``name`` (dotted path, e.g. ``net.features.6``), else the network's own
+    ``gradcam_layer`` if it names one (ResNet-18: its last stage), else the last ``Conv2d``.
 
     Names are relative to the classifier, also when ``model`` is its :class:`ClassScores` wrapper.
     """
     if isinstance(model, ClassScores):
         model = model.classifier
+    preferred = getattr(getattr(model, "net", None), "gradcam_layer", None)
+    if not name and isinstance(preferred, nn.Module):
+        return preferred
     if name:
         try:
             return model.get_submodule(name)
