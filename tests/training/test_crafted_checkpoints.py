@@ -103,30 +103,36 @@ def test_loading_a_crafted_checkpoint_runs_nothing(honest_checkpoint, tmp_path, 
 ENTRY_ATTACKS = ["function", "allowed prefix, attribute path", "nested node", "optimizer function"]
 
 
-@pytest.mark.parametrize("attack", ENTRY_ATTACKS)
-def test_evaluating_a_crafted_checkpoint_runs_nothing(
-    honest_checkpoint, compose_config, small_root, tmp_path, attack
-):
+def _evaluate(cfg) -> None:
     from pneumonia.training.run import run
 
-    path, marker = _craft(honest_checkpoint, tmp_path, attack)
-    cfg = compose_config(f"ckpt_path={path}", f"data.root={small_root}", config_name="eval")
-    with pytest.raises(CheckpointError, match=str(path)):
-        run(cfg)
-    assert not marker.exists()
-    assert not _files(Path(cfg.paths.output_dir))
+    run(cfg)
 
 
-@pytest.mark.parametrize("attack", ENTRY_ATTACKS)
-def test_explaining_a_crafted_checkpoint_runs_nothing(
-    honest_checkpoint, compose_config, tmp_path, attack
-):
+def _explain(cfg) -> None:
     from pneumonia.explain.run import explain_checkpoint
 
+    explain_checkpoint(cfg)
+
+
+# Each entry point: its config (with the crafted checkpoint's path) and the task it runs.
+ENTRY_POINTS = {
+    "evaluate": ("eval", "data.root={small_root}", _evaluate),
+    "explain": ("explain", "images={tmp_path}", _explain),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("attack", ENTRY_ATTACKS)
+def test_evaluating_or_explaining_a_crafted_checkpoint_runs_nothing(
+    honest_checkpoint, compose_config, small_root, tmp_path, attack, entry
+):
+    config_name, data_override, task = ENTRY_POINTS[entry]
     path, marker = _craft(honest_checkpoint, tmp_path, attack)
-    cfg = compose_config(f"ckpt_path={path}", f"images={tmp_path}", config_name="explain")
+    override = data_override.format(small_root=small_root, tmp_path=tmp_path)
+    cfg = compose_config(f"ckpt_path={path}", override, config_name=config_name)
     with pytest.raises(CheckpointError, match=str(path)):
-        explain_checkpoint(cfg)
+        task(cfg)
     assert not marker.exists()
     assert not _files(Path(cfg.paths.output_dir))
 

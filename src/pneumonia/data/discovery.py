@@ -66,6 +66,16 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def has_utf8_name(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` encodes as UTF-8. Undecodable bytes in a file name come back from the OS as
+    surrogates that caches, ``split.csv`` and logs cannot record, so such files are skipped."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def discover_images(root: str | Path, require_both_classes: bool = True) -> list[LabelledImage]:
     """The images of :func:`scan_images` (same arguments, same errors), without the report."""
     return scan_images(root, require_both_classes).images
@@ -121,10 +131,7 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
             if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = Path(dirpath, name)
-            try:
-                str(path).encode("utf-8")
-            except UnicodeEncodeError:
-                # Undecodable bytes in a name: caches, split.csv and logs could not record it.
+            if not has_utf8_name(path):
                 skipped[repr(str(path))] = "the file name is not valid UTF-8; rename the file"
                 continue
             try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.discovery import IMAGE_SUFFIXES, is_hidden, label_of
+from pneumonia.data.discovery import IMAGE_SUFFIXES, has_utf8_name, is_hidden, label_of
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,14 @@ def collect_images(
         for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
             for name in sorted(filenames):
-                try:
-                    name.encode("utf-8")
-                except UnicodeEncodeError:
-                    refused[repr(os.path.join(dirpath, name))] = "the file name is not valid UTF-8"
-                    log.error("skipping %r: its name is not valid UTF-8", name)
+                if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    file = Path(dirpath, name)
-                    found.append(ImageToExplain(file, label_of(file.parent.parts)))
+                file = Path(dirpath, name)
+                if not has_utf8_name(file):
+                    refused[repr(str(file))] = "the file name is not valid UTF-8"
+                    log.error("skipping %r: its name is not valid UTF-8", str(file))
+                    continue
+                found.append(ImageToExplain(file, label_of(file.parent.parts)))
         if found:
             return found
         raise FileNotFoundError(f"no .jpeg, .jpg or .png images under {path}")

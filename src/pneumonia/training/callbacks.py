@@ -36,6 +36,10 @@ class RunCheckpoint(ModelCheckpoint):
     Takes ``ModelCheckpoint``'s arguments.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_saved_at_step: int | None = None  # global step of the last last.ckpt written
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         due = self._last_is_due(trainer) and self._should_save_on_train_epoch_end(trainer)
         super().on_train_epoch_end(trainer, pl_module)
@@ -52,7 +56,7 @@ class RunCheckpoint(ModelCheckpoint):
         return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer)
 
     def _save_last_if_stale(self, trainer: L.Trainer) -> None:
-        if getattr(self, "_last_saved_at_step", None) != trainer.global_step:
+        if self._last_saved_at_step != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
