@@ -9,7 +9,7 @@ PNEUMONIA_DATA ?= ../shared/data/chest_xray
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data train test lint format bench clean
+.PHONY: install data train predict shift test lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ data: data/chest_xray
 
 train: install data
 	$(BIN)/python train.py $(ARGS)
+
+# make predict ARGS="ckpt_path=outputs/runs/<run> images=<file or folder>"
+predict: install
+	$(BIN)/python predict.py $(ARGS)
+
+# make shift ARGS="ckpt_path=outputs/runs/<run>": the shift suite on a checkpoint's test split
+shift: install data
+	$(BIN)/python train.py --config-name shift $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -17,8 +17,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from pneumonia.data.class_weights import balanced_class_weights, no_class_weights
 from pneumonia.data.datamodule import EmptySplitError
 from pneumonia.explain.callback import AttributionMapsCallback
+from pneumonia.model import registry
 from pneumonia.model.classifier import XrayClassifier
-from pneumonia.training.run import run
+from pneumonia.training.run import model_arguments, run
 from tests.conftest import CONF_DIR, make_subset
 
 GROUPS = [
@@ -27,6 +28,9 @@ GROUPS = [
     "optimizer",
     "scheduler",
     "class_weighting",
+    "augmentation",
+    "normalization",
+    "operating_point",
     "trainer",
     "logger",
     "callbacks",
@@ -42,9 +46,7 @@ def _options(group: str) -> list[str]:
 
 
 def _classifier(cfg) -> XrayClassifier:
-    return instantiate(
-        cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
-    )
+    return instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +222,52 @@ def test_study_presets_train_with_the_study_setup(
     np.testing.assert_allclose(module.hparams.class_weights, weighting(train_labels))
     balanced = compute_class_weight("balanced", classes=np.array([0, 1]), y=train_labels)
     assert (preset == "study_weighted") == np.allclose(module.hparams.class_weights, balanced)
+
+
+RECIPE_OPTIONS = [
+    (group, option)
+    for group in ("augmentation", "normalization", "operating_point", "scheduler", "model")
+    for option in _options(group)
+]
+
+
+@pytest.mark.parametrize(("group", "option"), RECIPE_OPTIONS)
+def test_every_recipe_option_is_built_into_the_model_and_trains_a_few_batches(
+    compose_config, unbalanced_root, group, option
+):
+    cfg = compose_config(f"{group}={option}", f"data.root={unbalanced_root}", "image_size=64")
+    datamodule = instantiate(cfg.data)
+    module = _classifier(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.adopt_data_statistics(datamodule)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0,
+        val_check_interval=2, enable_checkpointing=False, **QUIET,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    # What the option configures is what the checkpoint records and what the model runs.
+    node = OmegaConf.to_container(cfg[group], resolve=True) or None
+    recorded = module.hparams["net" if group == "model" else group]
+    if group == "model":
+        node = node["net"]
+    if group == "scheduler":
+        node.pop("interval")
+        recorded = {k: v for k, v in recorded.items() if k != "interval"}
+        assert type(trainer.lr_scheduler_configs[0].scheduler).__name__ in node["_target_"]
+    assert recorded == node or (node is None and recorded is None)
+    built = {
+        "augmentation": module.augmentation,
+        "normalization": module.normalization,
+        "model": module.net,
+    }.get(group)
+    if built is not None:
+        expected = registry.REGISTRIES["net" if group == "model" else group][node["_target_"]]
+        assert type(built) is expected
+    assert "val/threshold" in trainer.callback_metrics
 
 
 def test_defaults_are_the_study_unweighted_setup(compose_config):

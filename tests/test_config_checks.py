@@ -6,8 +6,8 @@ import pytest
 
 from pneumonia.config import OPTIMIZABLE_METRICS, check_explain_config, check_train_config
 from pneumonia.errors import ConfigError
-from pneumonia.explain.figures import SIGNS
 from pneumonia.explain.methods import METHODS
+from pneumonia.explain.rendering.figures import SIGNS
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,19 @@ def test_explain_py_refuses_a_figure_method_before_loading_anything(compose_conf
     )
     with pytest.raises(ConfigError, match="figure_method='guided_gradcam'"):
         explain_checkpoint(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("operating_point=sensitivity", "operating_point.sensitivity=0"), "operating_point: .*sensitivity"),
+        (("shift_suite.enabled=true", "shift_suite.perturbations=[contrast,blurr]"), r"\['blurr'\] unknown"),
+        (("shift_suite.enabled=true", "shift_suite.severities=[1,4]"), r"severities=\[1, 4\]"),
+        (("shift_suite.enabled=true", "shift_suite.severities=[]"), r"severities=\[\]"),
+    ],
+)  # fmt: skip
+def test_recipe_settings_that_would_fail_after_training_are_refused_first(
+    compose_config, overrides, message
+):
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(compose_config(*overrides))

@@ -11,15 +11,29 @@ from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pneumonia import CLASS_NAMES
 from pneumonia.errors import ConfigError
+from pneumonia.explain.settings import (
+    INTERPOLATE_MODES,  # noqa: F401  (importable from here as before)
+    TARGETS,
+    check_batch_size,
+    check_interpolate_mode,
+    check_layer,
+    check_target,
+)
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 
-# Grad-CAM's upsampling modes (torch.nn.functional.interpolate on a 2-D map).
-INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
     f"{stage}/{name}" for stage in ("val", "test") for name in (*METRIC_NAMES, "loss")
 )
+
+
+def optimizable_metrics(cfg: DictConfig) -> tuple[str, ...]:
+    """The metrics a run with this config produces and a sweep may optimise."""
+    external = OmegaConf.select(cfg, "data.external_tests") or {}
+    names = [f"external/{name}/{m}" for name in external for m in (*METRIC_NAMES, "ece")]
+    if OmegaConf.select(cfg, "shift_suite.enabled"):
+        names.append("shift/robustness")
+    return (*OPTIMIZABLE_METRICS, *names)
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -43,15 +57,46 @@ def check_train_config(cfg: DictConfig) -> None:
             )
     metric = cfg.get("optimized_metric")
     if metric is not None:
-        if metric not in OPTIMIZABLE_METRICS:
+        produced = optimizable_metrics(cfg)
+        if metric not in produced:
             raise ConfigError(
                 f"optimized_metric={metric!r} is not a metric this run produces; choose one of "
-                f"{', '.join(OPTIMIZABLE_METRICS)}"
+                f"{', '.join(produced)} (shift/robustness needs shift_suite.enabled=true, "
+                "external/<name>/<metric> a data.external_tests entry <name>)"
             )
         if metric.startswith("test/") and not cfg.get("test", True) and cfg.get("fit", True):
             raise ConfigError(
                 f"optimized_metric={metric} needs the test split, but test=false; set test=true "
                 "or optimise a val/ metric"
+            )
+    _check_recipe_groups(cfg)
+
+
+def _check_recipe_groups(cfg: DictConfig) -> None:
+    """The threshold rule and the shift suite's settings, which would otherwise fail after training."""
+    from pneumonia.metrics import operating_point  # noqa: F401  (registers the rules)
+    from pneumonia.metrics.shift import PERTURBATIONS, SEVERITIES
+    from pneumonia.model import registry
+
+    node = cfg.get("operating_point")
+    if node and cfg.get("fit", True):
+        try:
+            registry.build("operating_point", OmegaConf.to_container(node, resolve=True))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"operating_point: {err}") from err
+    suite = cfg.get("shift_suite") or {}
+    if suite.get("enabled"):
+        unknown = [p for p in suite.get("perturbations") or () if p not in PERTURBATIONS]
+        if unknown:
+            raise ConfigError(
+                f"shift_suite.perturbations: {unknown} unknown; choose from {list(PERTURBATIONS)}"
+            )
+        severities = suite.get("severities")
+        if severities is not None and (
+            not severities or any(s not in SEVERITIES for s in severities)
+        ):
+            raise ConfigError(
+                f"shift_suite.severities={list(severities)}: use some of {list(SEVERITIES)}"
             )
 
 
@@ -78,14 +123,12 @@ def check_explain_config(
     bad_signs = [s for s in (cfg.signs or []) if s not in signs]
     if bad_signs or not cfg.signs:
         raise ConfigError(f"signs={list(cfg.signs or [])}: choose one or more of {list(signs)}")
-    target = str(cfg.target)
-    if target.lower() not in {t.lower() for t in targets} and target not in {"0", "1"}:
-        raise ConfigError(f"target={target!r} must be one of {list(targets)}")
-    if cfg.interpolate_mode not in INTERPOLATE_MODES:
-        raise ConfigError(
-            f"interpolate_mode={cfg.interpolate_mode!r} must be one of {list(INTERPOLATE_MODES)}"
-        )
-    for key in ("batch_size", "trust.images", "trust.deletion_steps"):
+    # The attribution settings shared with the training callback: AttributionSettings' checks.
+    check_target(cfg.target, targets=tuple(targets))
+    check_layer(cfg.layer)
+    check_interpolate_mode(cfg.interpolate_mode)
+    check_batch_size(cfg.batch_size)
+    for key in ("trust.images", "trust.deletion_steps"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a whole number of at least 1")
@@ -98,5 +141,5 @@ def check_explain_config(
 
 
 def explain_targets() -> tuple[str, ...]:
-    """The values ``explain.py``'s ``target`` accepts."""
-    return ("predicted", *CLASS_NAMES)
+    """The values ``explain.py``'s ``target`` accepts (also a class index 0 or 1)."""
+    return TARGETS

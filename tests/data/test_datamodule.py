@@ -103,3 +103,39 @@ def test_bad_settings_are_named(small_root, cache_dir):
         _datamodule(small_root, cache_dir, group_by="person")
     with pytest.raises(ValueError, match="image_size=16"):
         _datamodule(small_root, cache_dir, image_size=16)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "message"),
+    [
+        ("site b", "{root}", "letters, digits"),
+        ("..", "{root}", "letters, digits"),
+        ("site_b", "", "give one folder"),
+        ("site_b", None, "give one folder"),
+        ("site_b", {"nested": "x"}, "give one folder"),
+        ("site_b", "/nonexistent/site_b", "'/nonexistent/site_b' is not an existing folder"),
+    ],
+)
+def test_external_test_sets_need_a_plain_name_and_a_folder(
+    small_root, cache_dir, name, folder, message
+):
+    folder = folder.format(root=small_root) if isinstance(folder, str) else folder
+    with pytest.raises(ValueError, match=message) as raised:
+        _datamodule(small_root, cache_dir, external_tests={name: folder})
+    assert f"data.external_tests.{name}" in str(raised.value)
+
+
+def test_an_external_folder_without_images_fails_before_training(small_root, cache_dir, tmp_path):
+    from pneumonia.data.discovery import DataLayoutError
+
+    (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
+    datamodule = _datamodule(small_root, cache_dir, external_tests={"empty": tmp_path / "empty"})
+    with pytest.raises(DataLayoutError, match="data.external_tests.empty: no"):
+        datamodule.prepare_data()
+
+
+def test_an_external_set_is_every_image_of_its_folder(small_root, originals_root, cache_dir):
+    datamodule = _datamodule(small_root, cache_dir, external_tests={"orig": originals_root})
+    images, labels = datamodule.external_test_set("orig").split_arrays("test")
+    assert images.shape == (40, 1, 64, 64) and images.dtype == torch.uint8
+    assert sorted(labels.unique().tolist()) == [0.0, 1.0]

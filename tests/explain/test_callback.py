@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.explain.callback import AttributionMapsCallback
 from pneumonia.explain.methods import ClassScores
-from pneumonia.explain.raster import CAPTION_HEIGHT, TITLE_HEIGHT
+from pneumonia.explain.rendering.raster import CAPTION_HEIGHT, TITLE_HEIGHT
 from pneumonia.model.classifier import XrayClassifier
 
 pytestmark = pytest.mark.integration
@@ -103,3 +103,28 @@ def test_a_failed_background_write_is_raised_not_lost(small_root, cache_dir, tmp
     datamodule, module, _, trainer = _setup(small_root, cache_dir, tmp_path)
     with pytest.raises((FileExistsError, NotADirectoryError)):
         trainer.validate(module, datamodule=datamodule)
+
+
+def test_captions_show_the_modules_calibrated_probability_and_threshold(
+    small_root, cache_dir, tmp_path, monkeypatch
+):
+    from pneumonia.explain import callback as callback_module
+
+    shown = []
+    describe = callback_module.describe
+
+    def recording_describe(label, probability, threshold):
+        shown.append((probability, threshold))
+        return describe(label, probability, threshold)
+
+    monkeypatch.setattr(callback_module, "describe", recording_describe)
+    # Two attribution calls (3 + 1 images) instead of one.
+    datamodule, module, callback, trainer = _setup(small_root, cache_dir, tmp_path, batch_size=3)
+    module.set_operating_point(threshold=0.8, temperature=1.0)
+    trainer.validate(module, datamodule=datamodule)  # fits the temperature, then draws
+    assert len(shown) == 4 and {t for _, t in shown} == {module.threshold}
+    module.eval()
+    with torch.no_grad():
+        logits = module(callback.images.float() / 255)
+    expected = module.probabilities_from_logits(logits)
+    torch.testing.assert_close(torch.tensor([p for p, _ in shown]), expected)

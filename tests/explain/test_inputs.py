@@ -95,7 +95,7 @@ def test_a_split_file_with_only_refused_rows_is_an_error(tmp_path):
 
 
 def test_a_recorded_data_root_must_look_like_a_dataset(tmp_path):
-    from pneumonia.explain.inputs import looks_like_a_dataset
+    from pneumonia.data.discovery import looks_like_a_dataset
 
     (tmp_path / "home" / "docs" / "Normal-ish").mkdir(parents=True)
     assert not looks_like_a_dataset(tmp_path / "home")

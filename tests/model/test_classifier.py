@@ -1,3 +1,5 @@
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -74,8 +76,8 @@ def test_training_loss_is_class_weighted_and_evaluation_loss_is_not():
     targets = torch.tensor([0.0, 1.0, 1.0, 0.0])
     per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     expected = (per_sample * torch.tensor([3.0, 0.5, 0.5, 3.0])).mean()
-    torch.testing.assert_close(module._loss(logits, targets, weighted=True), expected)
-    torch.testing.assert_close(module._loss(logits, targets, weighted=False), per_sample.mean())
+    torch.testing.assert_close(module._loss(logits, targets, training=True), expected)
+    torch.testing.assert_close(module._loss(logits, targets, training=False), per_sample.mean())
 
 
 def test_preprocessing_uses_the_stored_statistics():
@@ -171,3 +173,258 @@ def test_predictions_refuse_other_inputs_with_the_reason(images, message):
     model = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
     with pytest.raises(ValueError, match=message):
         model.predict_proba(images)
+
+
+# ----- issue 7: recipe levers and the stored operating point ------------------------------------
+STRONG = {
+    "_target_": "pneumonia.model.augmentation.BatchAugmentation",
+    "rotation": 15.0,
+    "brightness": 0.2,
+    "noise_p": 1.0,
+    "noise_std": [0.05, 0.1],
+}
+BALANCED = {"_target_": "pneumonia.metrics.operating_point.MaxBalancedAccuracy"}
+
+
+def _separable_loader(n=32, size=32, shift=0.0):
+    """PNEUMONIA images brighter than NORMAL ones, so a trained model ranks them apart."""
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.arange(n) % 2).float()
+    base = torch.rand((n, 1, size, size), generator=generator) * 80
+    images = (base + 60 + 90 * labels[:, None, None, None] + shift).clamp(0, 255).to(torch.uint8)
+    return DataLoader(TensorDataset(images, labels), batch_size=8)
+
+
+def _fit(module, max_epochs=3, loader=None):
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loader = loader or _separable_loader()
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    return trainer
+
+
+def test_augmentation_runs_in_training_steps_only_and_is_seeded():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, augmentation=STRONG)
+    images = next(iter(_separable_loader()))[0]
+    module.train()
+    L.seed_everything(3)
+    first = module.preprocess(images, augment=True)
+    L.seed_everything(3)
+    again = module.preprocess(images, augment=True)
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, module.preprocess(images))
+    # forward (eval, test, explain, predict) never augments, even in training mode
+    torch.testing.assert_close(module.preprocess(images), module.preprocess(images))
+    module.eval()
+    torch.testing.assert_close(module.preprocess(images, augment=True), module.preprocess(images))
+    first_call = module.predict_proba(images)
+    torch.testing.assert_close(module.predict_proba(images), first_call)
+
+
+def test_normalization_is_built_from_its_config_and_gets_the_training_statistics():
+    per_image = XrayClassifier(
+        net=NET,
+        optimizer=ADAM,
+        image_size=32,
+        normalization={"_target_": "pneumonia.model.normalization.PerImageStandardization"},
+    )
+    images = next(iter(_separable_loader()))[0]
+    x = per_image.preprocess(images)
+    torch.testing.assert_close(x.mean(dim=(1, 2, 3)), torch.zeros(len(x)), atol=1e-4, rtol=0)
+
+    dataset = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+
+    class Statistics:
+        class_weights, pixel_mean, pixel_std = [1.0, 1.0], 0.3, 0.1
+
+    dataset.adopt_data_statistics(Statistics())
+    expected = (images.float() / 255 - 0.3) / 0.1
+    torch.testing.assert_close(dataset.preprocess(images), expected)
+
+
+def test_label_smoothing_softens_training_targets_only():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, label_smoothing=0.2)
+    logits = torch.tensor([2.0, -1.0])
+    targets = torch.tensor([1.0, 0.0])
+    smoothed = F.binary_cross_entropy_with_logits(logits, torch.tensor([0.9, 0.1]))
+    torch.testing.assert_close(module._loss(logits, targets, training=True), smoothed)
+    plain = F.binary_cross_entropy_with_logits(logits, targets)
+    torch.testing.assert_close(module._loss(logits, targets, training=False), plain)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.5, "0.1"])
+def test_label_smoothing_out_of_range_is_refused(bad):
+    with pytest.raises((ValueError, TypeError), match="label_smoothing"):
+        XrayClassifier(net=NET, optimizer=ADAM, image_size=32, label_smoothing=bad)
+
+
+def test_threshold_and_temperature_are_fitted_on_validation_and_travel_with_the_checkpoint(
+    tmp_path,
+):
+    L.seed_everything(0)
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=BALANCED)
+    trainer = _fit(module)
+    assert module.threshold != 0.5 and float(module.temperature) != 1.0
+    assert module.hparams.threshold == pytest.approx(module.threshold)
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/threshold"]) == pytest.approx(module.threshold)
+    assert float(metrics["val/temperature"]) == pytest.approx(float(module.temperature))
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = XrayClassifier.load_from_checkpoint(path, map_location="cpu")
+    assert restored.threshold == pytest.approx(module.threshold)
+    assert float(restored.temperature) == pytest.approx(float(module.temperature))
+    images = next(iter(_separable_loader()))[0]
+    logits = restored.eval()(images)
+    expected = torch.sigmoid(logits / float(module.temperature))
+    torch.testing.assert_close(restored.predict_proba(images), expected)
+
+    # Loading weights into another module (trainer.test(ckpt_path=...)) restores them too.
+    other = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=BALANCED)
+    other.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    assert other.threshold == pytest.approx(module.threshold)
+
+
+def test_the_test_uses_the_stored_threshold_and_reports_the_study_threshold_too():
+    L.seed_everything(0)
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=BALANCED)
+    trainer = _fit(module)
+    module.set_operating_point(0.999, 1.0)  # calls almost everything NORMAL
+    trainer.test(module, dataloaders=_separable_loader(), verbose=False)
+    report = module.test_report
+    assert report["threshold"] == pytest.approx(0.999)
+    assert report["metrics"]["recall"] < report["metrics_at_0.5"]["recall"]
+    assert report["threshold_rule"] == "MaxBalancedAccuracy"
+    assert 0 <= report["calibration"]["ece"] <= 1
+    assert module.test_outputs[0].shape == (32,)
+
+
+def test_a_checkpoint_from_before_the_stored_operating_point_keeps_its_threshold(tmp_path):
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, threshold=0.3)
+    trainer = _fit(module, max_epochs=1)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["state_dict"]["decision_threshold"], checkpoint["state_dict"]["temperature"]
+    checkpoint["hyper_parameters"].pop("temperature")
+    torch.save(checkpoint, path)
+    restored = XrayClassifier.load_from_checkpoint(path, map_location="cpu")
+    assert restored.threshold == pytest.approx(0.3)
+    assert float(restored.temperature) == 1.0
+
+
+def test_a_fixed_rule_keeps_the_threshold_whatever_validation_says():
+    fixed = {"_target_": "pneumonia.metrics.operating_point.FixedThreshold", "threshold": 0.5}
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=fixed)
+    _fit(module, max_epochs=1)
+    assert module.threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    "role, node",
+    [
+        ("augmentation", {"_target_": "os.system", "command": "touch /tmp/x"}),
+        ("normalization", {"_target_": "builtins.eval"}),
+        ("operating_point", {"_target_": "pneumonia.model.study_cnn.StudyCNN"}),
+    ],
+)
+def test_recipe_nodes_outside_their_registry_are_refused(role, node):
+    from pneumonia.model.registry import UnsafeConfigError
+
+    with pytest.raises(UnsafeConfigError, match=role):
+        XrayClassifier(net=NET, optimizer=ADAM, image_size=32, **{role: node})
+
+
+@pytest.mark.parametrize(
+    "key, value", [("decision_threshold", 2.0), ("decision_threshold", -1.0), ("temperature", -1.0),
+                   ("temperature", 0.0), ("temperature", float("nan"))],
+)  # fmt: skip
+def test_a_stored_operating_point_out_of_range_is_refused(tmp_path, key, value):
+    from pneumonia.errors import CheckpointError
+
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    trainer = _fit(module, max_epochs=1)
+    path = tmp_path / "crafted.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"][key] = torch.tensor(value)
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=f"{path}.*{key}"):
+        XrayClassifier.load_from_checkpoint(path, map_location="cpu")
+
+
+@pytest.mark.parametrize("node", ["per_image", 3, ["a"], {"eps": 0.1}])
+def test_a_recipe_node_that_is_not_a_target_mapping_is_refused(node):
+    from pneumonia.model.registry import UnsafeConfigError
+
+    with pytest.raises(UnsafeConfigError, match="normalization"):
+        XrayClassifier(net=NET, optimizer=ADAM, image_size=32, normalization=node)
+
+
+def test_bad_rule_arguments_are_refused_when_the_model_is_built():
+    rule = {"_target_": "pneumonia.metrics.operating_point.TargetSensitivity", "sensitivity": 0}
+    with pytest.raises(ValueError, match="sensitivity"):
+        XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=rule)
+
+
+class _NaNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x.flatten(1).sum(1) * self.weight + float("nan")
+
+
+def test_non_finite_outputs_leave_the_operating_point_alone_and_do_not_crash_validation():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=BALANCED)
+    module.net = _NaNNet()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, dataloaders=_separable_loader(), verbose=False)
+    assert module.threshold == 0.5 and float(module.temperature) == 1.0
+    trainer.test(module, dataloaders=_separable_loader(), verbose=False)
+    assert module.test_outputs is None and math.isnan(module.test_report["calibration"]["ece"])
+
+
+def test_metrics_see_unsaturated_probabilities_at_a_small_temperature():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    module.set_operating_point(0.5, 0.05)
+    logits = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)  # 10, 20, 30 after T
+    probabilities = module.probabilities_from_logits(logits)
+    assert probabilities.dtype == torch.float64 and len(set(probabilities.tolist())) == 3
+
+
+def test_a_whole_run_schedule_is_not_extended_by_a_resume(tmp_path):
+    from pneumonia.errors import ConfigError
+
+    schedule = {
+        "_target_": "pneumonia.training.schedulers.WarmupCosine",
+        "total_steps": None,
+        "interval": "step",
+    }
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
+    trainer = _fit(module, max_epochs=1)
+    path = tmp_path / "one_epoch.ckpt"
+    trainer.save_checkpoint(path)
+    again = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
+    longer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="built for 4 optimiser steps.*max_epochs=2"):
+        longer.fit(again, _separable_loader(), _separable_loader(), ckpt_path=path)
+
+
+def test_a_run_of_unknown_length_cannot_fill_in_total_steps():
+    schedule = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.01,
+                "total_steps": None, "interval": "step"}  # fmt: skip
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, max_time={"seconds": 5}, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    with pytest.raises(ValueError, match="total_steps=null needs a run of known length"):
+        trainer.fit(module, _separable_loader())

@@ -53,3 +53,20 @@ def test_a_checkpoint_without_a_recorded_split_is_left_to_split_csv():
 
 def test_only_a_checkpoint_below_the_run_folder_is_a_resume_in_place():
     assert POINT.is_in("/runs/a") and not POINT.is_in("/runs/b")
+
+
+def test_a_run_from_before_the_recipe_groups_resumes_with_their_defaults():
+    new = {
+        **SAVED,
+        "augmentation": None,
+        "normalization": {"_target_": "pneumonia.model.normalization.DatasetStandardization"},
+        "operating_point": {
+            "_target_": "pneumonia.metrics.operating_point.FixedThreshold",
+            "threshold": 0.5,
+        },
+        "label_smoothing": 0.0,
+    }
+    POINT.check_same_model(new)  # SAVED has none of these keys
+    strong = {"_target_": "pneumonia.model.augmentation.BatchAugmentation", "rotation": 5.0}
+    with pytest.raises(CheckpointError, match="augmentation=None, but this run configures"):
+        POINT.check_same_model({**new, "augmentation": strong})

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
@@ -17,7 +19,7 @@ from pneumonia import CLASS_NAMES
 from pneumonia.data.cache import CachedImages, build_or_load
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
-from pneumonia.data.discovery import LabelledImage, scan_images
+from pneumonia.data.discovery import DataLayoutError, LabelledImage, scan_images
 from pneumonia.data.splits import GROUPINGS, SPLITS, assign_splits, check_fractions, write_split_csv
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,45 @@ ClassWeighting = Callable[[np.ndarray], np.ndarray]
 
 class EmptySplitError(ValueError):
     """A split that a stage needs holds no image."""
+
+
+# A name becomes a TensorBoard tag, a report key and a file name: external/<name>/..., external_<name>.csv
+_EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _checked_external_tests(
+    external_tests: Mapping[str, Any] | None, root: Path
+) -> dict[str, Path]:
+    """``data.external_tests`` as name -> existing folder; anything else is a clear error."""
+    checked: dict[str, Path] = {}
+    for name, folder in (external_tests or {}).items():
+        key = f"data.external_tests.{name}"
+        if not isinstance(name, str) or not _EXTERNAL_NAME.fullmatch(name):
+            raise ValueError(
+                f"{key}: name external test sets with letters, digits, '_' and '-' only (the name "
+                "becomes a TensorBoard tag and a file name), e.g. +data.external_tests.site_b=<folder>"
+            )
+        if not isinstance(folder, str | Path) or not str(folder).strip():
+            raise ValueError(
+                f"{key}={folder!r}: give one folder of X-rays (with NORMAL/ and PNEUMONIA/ folders "
+                "at any depth), e.g. +data.external_tests.site_b=/data/site_b"
+            )
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ValueError(
+                f"{key}={str(folder)!r} is not an existing folder; give one with NORMAL/ and "
+                "PNEUMONIA/ images at any depth"
+            )
+        resolved, pool = path.resolve(), root.expanduser().resolve()
+        if resolved == pool or pool in resolved.parents or resolved in pool.parents:
+            log.warning(
+                "%s=%s overlaps the training pool %s: its figures are not from outside the pool",
+                key,
+                path,
+                root,
+            )
+        checked[name] = path
+    return checked
 
 
 class ChestXrayDataModule(L.LightningDataModule):
@@ -47,6 +88,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         pin_memory: pin batches for faster host-to-GPU copies.
         require_both_classes: refuse a root without NORMAL or without PNEUMONIA images (training
             needs both; evaluating a one-class folder does not).
+        external_tests: name -> folder of X-rays from outside the training pool (any layout this
+            module reads); every image of each is a test image (see :meth:`external_test_set`).
     """
 
     def __init__(
@@ -64,6 +107,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         split_csv: str | Path | None = None,
         pin_memory: bool = False,
         require_both_classes: bool = True,
+        external_tests: Mapping[str, str | Path] | None = None,
     ) -> None:
         super().__init__()
         if group_by not in GROUPINGS:
@@ -85,6 +129,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.split_csv = Path(split_csv) if split_csv else None
         self.pin_memory = bool(pin_memory)
         self.require_both_classes = bool(require_both_classes)
+        self.external_tests = _checked_external_tests(external_tests, self.root)
 
         self.images: list[LabelledImage] = []
         # Entries that are not images at all (dangling links, FIFOs, ...): path -> why.
@@ -97,8 +142,17 @@ class ChestXrayDataModule(L.LightningDataModule):
         self._datasets: dict[str, CachedXrayDataset] = {}
 
     def prepare_data(self) -> None:
-        """Decode and cache every image once (rank zero only under DDP)."""
+        """Decode and cache every image once (rank zero only under DDP).
+
+        External test sets are only looked through here, so a folder without images fails before
+        training, not after it.
+        """
         self._load_cache()
+        for name, folder in self.external_tests.items():
+            try:
+                scan_images(folder, require_both_classes=False)
+            except DataLayoutError as err:
+                raise DataLayoutError(f"data.external_tests.{name}: {err}") from err
 
     def setup(self, stage: str | None = None) -> None:
         """Split the pooled images and, for fitting, compute class weights and pixel statistics."""
@@ -119,8 +173,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         """What decides the split; a change to any of these moves images between train, val and test.
 
         The file list enters as a digest of the images' paths (relative to the root) and labels.
+        Only the folders are walked: nothing is decoded, so a wrong root is refused cheaply.
         """
-        self._load_cache()
+        self._scan()
         digest = hashlib.sha256()
         for image in self.images:
             digest.update(f"{image.path.relative_to(self.root)}\t{image.label}\n".encode())
@@ -133,10 +188,14 @@ class ChestXrayDataModule(L.LightningDataModule):
             "file_list_sha256": digest.hexdigest()[:16],
         }
 
-    def _load_cache(self) -> CachedImages:
-        if self.cache is None:
+    def _scan(self) -> None:
+        if not self.images:
             found = scan_images(self.root, require_both_classes=self.require_both_classes)
             self.images, self.skipped_files = found.images, found.skipped
+
+    def _load_cache(self) -> CachedImages:
+        if self.cache is None:
+            self._scan()
             self.cache = build_or_load(
                 [img.path for img in self.images],
                 self.image_size,
@@ -197,6 +256,35 @@ class ChestXrayDataModule(L.LightningDataModule):
             count += block.size
         mean = total / count
         return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 1e-12)))
+
+    def split_arrays(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image of a split at once: uint8 ``(N, 1, S, S)`` pixels and ``(N,)`` labels."""
+        dataset = self.dataset(split)
+        pixels = torch.from_numpy(np.asarray(dataset.pixels[dataset.rows])).unsqueeze(1)
+        return pixels, dataset.labels.clone()
+
+    def external_test_set(self, name: str) -> ChestXrayDataModule:
+        """A DataModule whose test split is every image of the external test set ``name``.
+
+        Its cache lives beside this one's; its list of images (with labels and patients) is
+        written beside this run's ``split.csv`` as ``external_<name>.csv``.
+        """
+        split_csv = (
+            self.split_csv.with_name(f"external_{name}.csv") if self.split_csv is not None else None
+        )
+        external = ChestXrayDataModule(
+            self.external_tests[name],
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            split_fractions=(0.0, 0.0, 1.0),
+            cache_dir=self.cache_dir,
+            decode_workers=self.decode_workers,
+            split_csv=split_csv,
+            require_both_classes=False,
+        )
+        external.prepare_data()
+        external.setup("test")
+        return external
 
     def dataset(self, split: str) -> CachedXrayDataset:
         """The dataset of one split (``"train"``, ``"val"`` or ``"test"``)."""

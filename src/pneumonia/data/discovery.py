@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,38 +103,14 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
     found: list[LabelledImage] = []
     skipped: dict[str, str] = {}
     seen: set[tuple[str, int]] = set()
-    walked: dict[tuple[int, int], str] = {}
     duplicates = 0
-
-    def unreadable_folder(err: OSError) -> None:
-        skipped[str(err.filename)] = f"folder not readable ({err.strerror or err})"
-
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
-        # followlinks=True walks a link that points at one of its own parents again and again
-        # (each level a new path, until the path is too long); walk each real folder once.
-        try:
-            folder = os.stat(dirpath)
-        except OSError as err:
-            skipped[dirpath] = stat_error_reason(dirpath, err)
-            dirnames[:] = []
-            continue
-        first = walked.setdefault((folder.st_dev, folder.st_ino), dirpath)
-        if first != dirpath:
-            skipped[dirpath] = f"a link to the folder {first}, already walked"
-            dirnames[:] = []
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+    for dirpath, filenames in walk_folders(root, skipped):
         # The root's own name counts too: data.root=<...>/NORMAL is a folder of NORMAL images.
         label = label_of((root.name, *Path(dirpath).relative_to(root).parts))
         if label is None:
             continue
-        for name in sorted(filenames):
-            if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            path = Path(dirpath, name)
-            if not has_utf8_name(path):
-                skipped[repr(str(path))] = "the file name is not valid UTF-8; rename the file"
-                continue
+        for path in image_files(dirpath, filenames, skipped):
+            name = path.name
             try:
                 st = os.stat(path)  # follows links; a dangling or looping one raises
             except OSError as err:
@@ -180,6 +157,69 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
     return Discovery(
         images=found, skipped=skipped, duplicates=duplicates, without_patient_id=anonymous
     )
+
+
+def walk_folders(root: Path, skipped: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` of every folder below ``root``, each real folder once, sorted.
+
+    Links to folders are followed, but a folder reached again (a link to one of its own parents
+    would be walked again and again, each level a new path) is skipped; hidden folders are not
+    entered. Folders that cannot be read or stat'ed are added to ``skipped`` with the reason.
+    """
+
+    def unreadable_folder(err: OSError) -> None:
+        skipped[str(err.filename)] = f"folder not readable ({err.strerror or err})"
+
+    walked: dict[tuple[int, int], str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
+        try:
+            folder = os.stat(dirpath)
+        except OSError as err:
+            skipped[dirpath] = stat_error_reason(dirpath, err)
+            dirnames[:] = []
+            continue
+        first = walked.setdefault((folder.st_dev, folder.st_ino), dirpath)
+        if first != dirpath:
+            skipped[dirpath] = f"a link to the folder {first}, already walked"
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        yield dirpath, sorted(filenames)
+
+
+def image_files(dirpath: str, filenames: list[str], skipped: dict[str, str]) -> Iterator[Path]:
+    """The visible files with an image suffix among ``filenames``; non-UTF-8 names are skipped."""
+    for name in filenames:
+        if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        path = Path(dirpath, name)
+        if not has_utf8_name(path):
+            # Undecodable bytes cannot be written to a UTF-8 CSV or log; name it by its repr.
+            skipped[repr(str(path))] = "the file name is not valid UTF-8; rename the file"
+            continue
+        yield path
+
+
+def looks_like_a_dataset(root: str | Path, depth: int = 3) -> bool:
+    """Whether ``root`` is a folder with a ``NORMAL`` or ``PNEUMONIA`` folder at most ``depth`` down.
+
+    Kaggle's layout has them two levels down (``chest_xray/train/NORMAL``); ``/`` or a home folder
+    does not, so a checkpoint recording such a root cannot point ``explain.py`` or the shift suite
+    anywhere on disk.
+    """
+    level = [Path(root)]
+    for _ in range(depth):
+        children = []
+        for folder in level:
+            try:
+                entries = [e for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name)]
+            except OSError:
+                continue
+            if any(e.name.upper() in CLASS_NAMES for e in entries):
+                return True
+            children += [Path(e.path) for e in entries[:50]]
+        level = children
+    return False
 
 
 def label_of(rel_parts: tuple[str, ...]) -> int | None:

@@ -14,9 +14,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from pneumonia.explain.figures import describe
-from pneumonia.explain.methods import ClassScores, attribution_fn, explain
-from pneumonia.explain.raster import attribution_grid_image
+from pneumonia.explain.methods import ClassScores, decision_threshold, explain
+from pneumonia.explain.rendering.figures import describe
+from pneumonia.explain.rendering.raster import attribution_grid_image
+from pneumonia.explain.settings import AttributionSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,13 @@ class AttributionMapsCallback(Callback):
         dirpath: folder for the PNGs (``None``: only TensorBoard).
         num_images: images per grid, both classes (half each when the set has enough of both).
         every_n_epochs: draw after every N-th validation epoch.
-        method: one of :data:`pneumonia.explain.methods.METHODS`.
-        target: ``"predicted"``, ``"NORMAL"`` or ``"PNEUMONIA"``.
-        layer: Grad-CAM's layer (module path in the LightningModule); ``None``: the last convolution.
-        interpolate_mode: how Grad-CAM is upsampled to the input.
+        method, target, layer, interpolate_mode, batch_size: the attribution settings, the same
+            keys as ``conf/explain.yaml``'s, checked and documented by
+            :class:`pneumonia.explain.settings.AttributionSettings` (``batch_size=None``: all
+            ``num_images`` in one call).
+
+    The probability shown is the module's calibrated P(PNEUMONIA)
+    (``XrayClassifier.probabilities_from_logits``) and the prediction uses its stored threshold.
     """
 
     def __init__(
@@ -48,9 +52,10 @@ class AttributionMapsCallback(Callback):
         num_images: int = 8,
         every_n_epochs: int = 1,
         method: str = "guided_gradcam",
-        target: str = "predicted",
+        target: str | int = "predicted",
         layer: str | None = None,
         interpolate_mode: str = "bilinear",
+        batch_size: int | None = None,
     ) -> None:
         if num_images < 1 or every_n_epochs < 1:
             raise ValueError(
@@ -59,11 +64,13 @@ class AttributionMapsCallback(Callback):
         self.dirpath = Path(dirpath) if dirpath else None
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
-        self.method = method
-        self.target = target
-        self.layer = layer
-        self.interpolate_mode = interpolate_mode
-        attribution_fn(method, layer, interpolate_mode)  # fail now on an unknown method
+        self.settings = AttributionSettings(  # fails now on an unknown method, target or mode
+            method=method,
+            target=target,
+            layer=layer,
+            interpolate_mode=interpolate_mode,
+            batch_size=batch_size,
+        )
         self._attribute = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -74,7 +81,9 @@ class AttributionMapsCallback(Callback):
         self.background_seconds: list[float] = []  # drawing and writing, off the loop
 
     # ----- when ---------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the module's own on_validation_epoch_end, which fits the temperature and threshold
+        # of these weights: the captions show the operating point of the weights drawn.
         if trainer.sanity_checking:
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -137,15 +146,20 @@ class AttributionMapsCallback(Callback):
         with torch.inference_mode(False):
             images = self.images.to(pl_module.device)
             pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-            maps, probabilities, _ = explain(
-                ClassScores(pl_module), pixels, self.attribute, self.target
-            )
+            model = ClassScores(pl_module)
+            size = self.settings.batch_size or len(pixels)
+            explained = [
+                explain(model, batch, self.attribute, self.settings.target)
+                for batch in pixels.split(size)
+            ]
+            maps = torch.cat([m for m, _, _ in explained])
+            probabilities = torch.cat([p for _, p, _ in explained])
         epoch = trainer.current_epoch
         job = {
             "images": pixels[:, 0].float().cpu().numpy(),
             "maps": maps[:, 0].float().cpu().numpy(),
             "probabilities": probabilities.float().cpu().tolist(),
-            "threshold": float(getattr(pl_module, "hparams", {}).get("threshold", 0.5)),
+            "threshold": decision_threshold(pl_module),
             "stage": stage,
             "epoch": epoch,
             "step": trainer.global_step,
@@ -162,7 +176,7 @@ class AttributionMapsCallback(Callback):
     def _publish(self, job: dict) -> None:
         start = time.perf_counter()
         title = (
-            f"{self.method} ({self.target} class) of {self.images_split} images, "
+            f"{self.settings.method} ({self.settings.target} class) of {self.images_split} images, "
             f"{job['stage']}, epoch {job['epoch']}"
         )
         captions = [
@@ -171,7 +185,7 @@ class AttributionMapsCallback(Callback):
         ]
         grid = attribution_grid_image(job["images"], job["maps"], captions, title)
         for logger in job["tensorboards"]:
-            tag = f"explanations/{self.method}/{job['stage']}"
+            tag = f"explanations/{self.settings.method}/{job['stage']}"
             logger.experiment.add_image(tag, grid, job["step"], dataformats="HWC")
         if self.dirpath is not None:
             self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -202,7 +216,16 @@ class AttributionMapsCallback(Callback):
         return state
 
     @property
+    def method(self) -> str:
+        return self.settings.method
+
+    @property
+    def target(self) -> str | int:
+        return self.settings.target
+
+    @property
     def attribute(self):
+        """The attribution function of :attr:`settings`, built on first use (and after unpickling)."""
         if self._attribute is None:
-            self._attribute = attribution_fn(self.method, self.layer, self.interpolate_mode)
+            self._attribute = self.settings.attribution_fn()
         return self._attribute

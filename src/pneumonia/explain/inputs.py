@@ -67,27 +67,6 @@ def _inside(data_root: Path, relative: str) -> tuple[Path, str | None]:
     return data_root / path, None
 
 
-def looks_like_a_dataset(root: str | Path, depth: int = 3) -> bool:
-    """Whether ``root`` is a folder with a ``NORMAL`` or ``PNEUMONIA`` folder at most ``depth`` down.
-
-    Kaggle's layout has them two levels down (``chest_xray/train/NORMAL``); ``/`` or a home folder
-    does not, so a checkpoint recording such a root cannot point ``explain.py`` anywhere on disk.
-    """
-    level = [Path(root)]
-    for _ in range(depth):
-        children = []
-        for folder in level:
-            try:
-                entries = [e for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name)]
-            except OSError:
-                continue
-            if any(e.name.upper() in CLASS_NAMES for e in entries):
-                return True
-            children += [Path(e.path) for e in entries[:50]]
-        level = children
-    return False
-
-
 def run_folder_of(ckpt_path: Path) -> Path | None:
     """The run folder a checkpoint was written into (``<run>/checkpoints/x.ckpt``), if it is one."""
     run = ckpt_path.resolve().parent.parent

@@ -15,24 +15,33 @@ from tqdm.auto import tqdm
 
 from pneumonia import CLASS_NAMES
 from pneumonia.config import check_explain_config, explain_targets
+from pneumonia.data.discovery import looks_like_a_dataset
 from pneumonia.data.image_io import load_grayscale
-from pneumonia.explain.faithfulness import deletion_auc, random_deletion_auc
-from pneumonia.explain.figures import SIGNS, attribution_grid, close, describe, study_figure
-from pneumonia.explain.inputs import ImageToExplain, collect_images, looks_like_a_dataset
+from pneumonia.explain.inputs import ImageToExplain, collect_images
 from pneumonia.explain.methods import (
     METHODS,
     ClassScores,
-    attribution_fn,
     class_scores,
+    decision_threshold,
+    pneumonia_probabilities,
     resolve_targets,
 )
-from pneumonia.explain.regions import (
+from pneumonia.explain.rendering.figures import (
+    SIGNS,
+    attribution_grid,
+    close,
+    describe,
+    study_figure,
+)
+from pneumonia.explain.settings import AttributionSettings
+from pneumonia.explain.trust.faithfulness import deletion_auc, random_deletion_auc
+from pneumonia.explain.trust.regions import (
     format_region_table,
     region_area_shares,
     region_shares,
     summarize_by_class,
 )
-from pneumonia.explain.sanity import cascading_randomization
+from pneumonia.explain.trust.sanity import cascading_randomization
 from pneumonia.model.classifier import XrayClassifier
 from pneumonia.training.checkpoints import read_hyperparameters, resolve_checkpoint
 
@@ -105,21 +114,26 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     images = torch.from_numpy(pixels).unsqueeze(1).float().div(255.0)
     labels = [item.label for item in items]
     model = ClassScores(module).to(device)
+    settings = AttributionSettings.from_explain_config(cfg)
+    batch_size = settings.batch_size or len(images)
 
-    scores = torch.cat(
-        [class_scores(model, batch.to(device)).cpu() for batch in images.split(cfg.batch_size)]
-    )
-    targets = resolve_targets(cfg.target, scores)
-    probabilities = torch.sigmoid(scores[:, 1])
+    scores, probabilities = [], []
+    for batch in images.split(batch_size):
+        batch_scores = class_scores(model, batch.to(device))
+        scores.append(batch_scores.cpu())
+        # The module's calibrated P(PNEUMONIA), as its predictions report it.
+        probabilities.append(pneumonia_probabilities(model, batch_scores).float().cpu())
+    targets = resolve_targets(settings.target, torch.cat(scores))
+    probabilities = torch.cat(probabilities)
 
     maps: dict[str, torch.Tensor] = {}
     ms_per_image: dict[str, float] = {}
     for method in cfg.methods:
-        attribute = attribution_fn(method, cfg.layer, cfg.interpolate_mode)
+        attribute = settings.with_method(method).attribution_fn()
         batches = []
         start = time.perf_counter()
         for batch, batch_targets in tqdm(
-            list(zip(images.split(cfg.batch_size), targets.split(cfg.batch_size), strict=True)),
+            list(zip(images.split(batch_size), targets.split(batch_size), strict=True)),
             desc=f"attributing ({method})",
             unit="batch",
         ):
@@ -136,25 +150,24 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         images=pixels,
         **{f"maps_{method}": m[:, 0].numpy().astype(np.float32) for method, m in maps.items()},
     )
-    threshold = float(hparams.get("threshold", 0.5))
     _write_figures(
         cfg,
         output_dir,
         images,
-        maps[cfg.figure_method],
+        maps[settings.method],
         labels,
         probabilities,
         targets,
         items,
-        threshold,
+        decision_threshold(model),
     )
-    trust = _trust(cfg, model, images, targets, labels, maps, device)
+    trust = _trust(cfg, settings, model, images, targets, labels, maps, device)
     report = {
         "checkpoint": str(ckpt_path),
         "images": len(items),
         "unreadable": failures,
         "refused": refused,
-        "target": cfg.target,
+        "target": settings.target,
         "ms_per_image": ms_per_image,
         **trust,
     }
@@ -198,7 +211,9 @@ def _write_figures(
     close(sheet)
 
 
-def _trust(cfg, model, images, targets, labels, maps, device) -> dict[str, Any]:
+def _trust(
+    cfg, settings: AttributionSettings, model, images, targets, labels, maps, device
+) -> dict[str, Any]:
     trust_cfg = cfg.trust
     count = min(trust_cfg.images, len(images))
     subset, subset_targets = images[:count].to(device), targets[:count].to(device)
@@ -208,7 +223,7 @@ def _trust(cfg, model, images, targets, labels, maps, device) -> dict[str, Any]:
         for method in cfg.methods:
             steps = cascading_randomization(
                 model,
-                attribution_fn(method, cfg.layer, cfg.interpolate_mode),
+                settings.with_method(method).attribution_fn(),
                 subset,
                 subset_targets,
                 seed=cfg.seed,
@@ -238,11 +253,11 @@ def _trust(cfg, model, images, targets, labels, maps, device) -> dict[str, Any]:
     if trust_cfg.regions:
         known = [i for i, y in enumerate(labels) if y is not None]
         if known:
-            shares = region_shares(maps[cfg.figure_method][known])
+            shares = region_shares(maps[settings.method][known])
             rows = summarize_by_class(shares, torch.tensor([labels[i] for i in known]))
             side = images.shape[-1]
             result["regions"] = {
-                "method": cfg.figure_method,
+                "method": settings.method,
                 "rows": rows,
                 "area": region_area_shares(side, side),
             }

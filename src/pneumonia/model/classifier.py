@@ -1,10 +1,16 @@
-"""The LightningModule: preprocessing, class-weighted BCE, diagnostic metrics and optimisers.
+"""The LightningModule: preprocessing, class-weighted BCE, diagnostic metrics, a stored operating point.
 
 Everything a checkpoint needs to rebuild the model is a plain hyperparameter (numbers, strings,
 lists, dicts with a ``_target_``), so checkpoints load with ``torch.load(weights_only=True)`` and
-``XrayClassifier.load_from_checkpoint(path)`` needs no Hydra config. The network, optimiser and
-scheduler are built only from classes in :mod:`pneumonia.model.registry`, and every other
-hyperparameter is type-checked, so a checkpoint from a stranger cannot choose code to run.
+``XrayClassifier.load_from_checkpoint(path)`` needs no Hydra config. The network, optimiser,
+scheduler, augmentation, normalisation and threshold rule are built only from classes in
+:mod:`pneumonia.model.registry`, and every other hyperparameter is type-checked, so a checkpoint
+from a stranger cannot choose code to run.
+
+The operating point travels with the weights: after every validation epoch a temperature is fitted
+on the validation logits (Guo et al. 2017) and a decision threshold is chosen on the calibrated
+validation probabilities by the configured rule. Both are buffers, so the best checkpoint carries
+the ones fitted with its own weights, and test, eval, explain and predict use them.
 """
 
 from __future__ import annotations
@@ -23,11 +29,18 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
+from torchmetrics.aggregation import CatMetric
 
 from pneumonia import CLASS_NAMES
-from pneumonia.errors import CheckpointError
+from pneumonia.errors import CheckpointError, ConfigError
+from pneumonia.metrics import operating_point as _operating_point  # noqa: F401  (registers rules)
+from pneumonia.metrics.calibration import expected_calibration_error, fit_temperature
 from pneumonia.metrics.diagnostic import DiagnosticMetrics
 from pneumonia.model import registry
+from pneumonia.training import schedulers as _schedulers  # noqa: F401  (registers schedulers)
+
+# The study's threshold: its table is always reported at it, whatever rule a run uses.
+STUDY_THRESHOLD = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +64,8 @@ class XrayClassifier(L.LightningModule):
         class_weights: loss weight of (NORMAL, PNEUMONIA); filled from the DataModule when fitting.
         pixel_mean: mean of the training pixels in [0, 1]; filled from the DataModule when fitting.
         pixel_std: standard deviation of the training pixels in [0, 1].
-        threshold: probability at or above which a prediction is PNEUMONIA.
+        threshold: probability at or above which a prediction is PNEUMONIA; replaced after each
+            validation epoch by the one ``operating_point`` chooses.
         channels_last: run convolutions in NHWC memory layout (about 1.4x faster on CPU with oneDNN,
             and the layout tensor cores want); results are the same.
         data_root: the data the model was fitted on; filled when fitting, so ``explain.py`` can find
@@ -59,6 +73,14 @@ class XrayClassifier(L.LightningModule):
         split: the settings that made the train/val/test split (root, seed, fractions, grouping,
             a digest of the file list); filled when fitting, so a resume that would change the
             split is refused.
+        augmentation: config of a batch augmentation (``pneumonia.model.augmentation``), applied
+            to training batches only, on the model's device; ``None``: none (the study).
+        normalization: config of the input normalisation (``pneumonia.model.normalization``);
+            ``None``: the training pixels' mean and standard deviation (the study).
+        label_smoothing: ``eps`` in [0, 0.5): training targets become ``eps/2`` and ``1 - eps/2``.
+        operating_point: config of the rule choosing the threshold on validation
+            (``pneumonia.metrics.operating_point``); ``None``: keep ``threshold``.
+        temperature: divides the logits before the sigmoid; fitted on validation after each epoch.
 
     Raises:
         pneumonia.model.registry.UnsafeConfigError: ``net``, ``optimizer`` or ``scheduler`` names a
@@ -79,28 +101,68 @@ class XrayClassifier(L.LightningModule):
         channels_last: bool = True,
         data_root: str | None = None,
         split: Mapping[str, Any] | None = None,
+        augmentation: Mapping[str, Any] | None = None,
+        normalization: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        operating_point: Mapping[str, Any] | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         net, optimizer, scheduler, class_weights, split = map(
             to_plain, (net, optimizer, scheduler, class_weights, split)
         )
+        augmentation, normalization, operating_point = (
+            to_plain(node) or None for node in (augmentation, normalization, operating_point)
+        )
         # Everything is checked before anything is built: a checkpoint is untrusted data.
         build_net = registry.resolve("net", net)
         registry.check("optimizer", optimizer)
         registry.check("scheduler", _without_interval(scheduler))
+        for role, node in (
+            ("augmentation", augmentation),
+            ("normalization", normalization),
+            ("operating_point", operating_point),
+            ("scheduler", scheduler),
+        ):
+            if node is not None and not (isinstance(node, Mapping) and registry.TARGET in node):
+                raise registry.UnsafeConfigError(
+                    f"{role}={node!r} must be a mapping with a {registry.TARGET}, or null"
+                )
+        build_augmentation = registry.resolve("augmentation", augmentation or {})
+        build_normalization = registry.resolve("normalization", normalization or _DATASET_NORM)
+        if operating_point is not None:
+            registry.build("operating_point", operating_point)  # checks its arguments
+        if scheduler and scheduler.get("interval", "epoch") not in ("epoch", "step"):
+            raise ValueError(
+                f"scheduler.interval={scheduler.get('interval')!r} must be 'epoch' or 'step'"
+            )
         _check_plain_hyperparameters(
             net, image_size, class_weights, pixel_mean, pixel_std, threshold, channels_last, data_root,
-            split,
+            split, label_smoothing, temperature,
         )  # fmt: skip
         # Hyperparameters are logged by the run itself, together with the metrics they produced.
         self.save_hyperparameters(logger=False)
         self.net: nn.Module = build_net()
+        self.augmentation: nn.Module | None = build_augmentation() if augmentation else None
+        self.normalization: nn.Module = build_normalization(
+            pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
+        # Buffers, not only hyperparameters: loading the best checkpoint's weights (trainer.test
+        # with ckpt_path) restores the operating point fitted with those weights.
+        self.register_buffer("decision_threshold", torch.tensor(float(threshold)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.train_metrics = DiagnosticMetrics(threshold)
-        self.val_metrics = DiagnosticMetrics(threshold)
+        self.val_metrics = DiagnosticMetrics(STUDY_THRESHOLD)
         self.test_metrics = DiagnosticMetrics(threshold)
+        self.test_metrics_at_study_threshold = DiagnosticMetrics(STUDY_THRESHOLD)
+        # Logits and labels of a whole evaluation epoch (synchronised under DDP), for the
+        # temperature, the threshold and the calibration error.
+        self.epoch_logits = CatMetric(nan_strategy="disable")
+        self.epoch_targets = CatMetric(nan_strategy="disable")
         self.test_report: dict[str, Any] | None = None
+        self.test_outputs: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -141,6 +203,25 @@ class XrayClassifier(L.LightningModule):
         state = checkpoint.get("state_dict")
         if not isinstance(state, Mapping):
             raise CheckpointError("the checkpoint has no state_dict of weights")
+        # Checkpoints from before the stored operating point: their threshold, no temperature.
+        if isinstance(state, dict):
+            hparams = checkpoint.get("hyper_parameters")
+            hparams = hparams if isinstance(hparams, Mapping) else {}
+            for key, default in (
+                ("decision_threshold", hparams.get("threshold", STUDY_THRESHOLD)),
+                ("temperature", hparams.get("temperature", 1.0)),
+            ):
+                if key not in state and isinstance(default, int | float):
+                    state[key] = torch.tensor(float(default))
+            for key, low, high in (("decision_threshold", 0.0, 1.0), ("temperature", 1e-3, 1e3)):
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    number = float(value)
+                    if not low <= number <= high:  # NaN fails too
+                        raise CheckpointError(
+                            f"the checkpoint's stored {key} is {number}, outside [{low}, {high}]; "
+                            "its decisions would be meaningless"
+                        )
         for name, tensor in state.items():
             floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
             # In float32, as the network computes: a float64 1e300 is finite only as stored.
@@ -151,10 +232,36 @@ class XrayClassifier(L.LightningModule):
                 )
 
     # ----- preprocessing and inference -------------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, 1, S, S)`` pixels -> normalised float input of the network."""
+    @property
+    def threshold(self) -> float:
+        """The stored decision threshold: P(PNEUMONIA) at or above it is called PNEUMONIA."""
+        return float(self.decision_threshold)
+
+    def probabilities_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(PNEUMONIA) ``(B,)`` of logits ``(B,)``: ``sigmoid(logits / temperature)``.
+
+        float32, or float64 for float64 logits (metrics use those: a small temperature saturates
+        float32 probabilities at exactly 1.0, which would tie images AUROC ranks apart).
+        """
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return torch.sigmoid(logits / self.temperature.to(logits.device, logits.dtype))
+
+    def set_operating_point(self, threshold: float, temperature: float) -> None:
+        """Store a decision threshold and a temperature (buffers and hyperparameters)."""
+        self.decision_threshold.fill_(float(threshold))
+        self.temperature.fill_(float(temperature))
+        self.hparams.threshold = float(threshold)
+        self.hparams.temperature = float(temperature)
+
+    def preprocess(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 or [0, 1] float ``(B, 1, S, S)`` pixels -> the network's input.
+
+        ``augment``: apply the training augmentation (training steps only; a no-op in eval mode).
+        """
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        x = (x - self.hparams.pixel_mean) / self.hparams.pixel_std
+        if augment and self.augmentation is not None:
+            x = self.augmentation(x)
+        x = self.normalization(x)
         return x.contiguous(memory_format=self.memory_format)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,7 +289,7 @@ class XrayClassifier(L.LightningModule):
         self.eval()
         try:
             with torch.no_grad():
-                return torch.sigmoid(self(batch).float())
+                return self.probabilities_from_logits(self(batch))
         finally:
             for module, training in modes:
                 module.training = training
@@ -234,6 +341,8 @@ class XrayClassifier(L.LightningModule):
         self.hparams.class_weights = [float(w) for w in datamodule.class_weights]
         self.hparams.pixel_mean = float(datamodule.pixel_mean)
         self.hparams.pixel_std = float(datamodule.pixel_std)
+        if hasattr(self.normalization, "set_statistics"):
+            self.normalization.set_statistics(self.hparams.pixel_mean, self.hparams.pixel_std)
         if getattr(datamodule, "root", None) is not None:
             self.hparams.data_root = str(datamodule.root)
         if hasattr(datamodule, "split_settings"):
@@ -249,6 +358,7 @@ class XrayClassifier(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
+        self._check_schedule_covers_the_run()
         if self.global_step > 0:
             return  # a resumed run logged them when it started
         # The weights in use belong next to the curves they shaped, not only in the log file.
@@ -259,11 +369,32 @@ class XrayClassifier(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, weighted: bool) -> torch.Tensor:
+    def _check_schedule_covers_the_run(self) -> None:
+        """Refuse to train past the end of a whole-run schedule (a resume with more epochs).
+
+        A resumed scheduler keeps the length it was built with: warm-up + cosine would train the
+        extra steps at learning rate 0, one-cycle would fail at its last step.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            total = getattr(config.scheduler, "total_steps", None)
+            steps = self.trainer.estimated_stepping_batches
+            if isinstance(total, int) and math.isfinite(steps) and steps > total:
+                raise ConfigError(
+                    f"the learning-rate schedule of this run was built for {total} optimiser "
+                    f"steps, but trainer.max_epochs={self.trainer.max_epochs} asks for {int(steps)}: "
+                    "a whole-run schedule (warm-up + cosine, one-cycle) cannot be extended; resume "
+                    "with the original trainer.max_epochs, or start a new run"
+                )
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
         weights = None
-        if weighted and self.hparams.class_weights is not None:
+        if training and self.hparams.class_weights is not None:
             weights = self._class_weight_tensor(logits.device)[targets.long()]
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), weight=weights)
+        soft_targets = targets.to(logits.dtype)
+        smoothing = float(self.hparams.get("label_smoothing", 0.0))
+        if training and smoothing:
+            soft_targets = soft_targets * (1 - smoothing) + smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, soft_targets, weight=weights)
 
     def _class_weight_tensor(self, device: torch.device) -> torch.Tensor:
         # Built once per device and weights, not per step: a host-to-device copy per step stalls GPUs.
@@ -275,52 +406,119 @@ class XrayClassifier(L.LightningModule):
         return cached
 
     # ----- steps ------------------------------------------------------------------------------
-    def _step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: DiagnosticMetrics, weighted: bool
-    ):
+    def _evaluation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: list[DiagnosticMetrics]
+    ) -> torch.Tensor:
         images, targets = batch
         logits = self(images).float()
-        loss = self._loss(logits, targets, weighted=weighted)
-        metrics.update(torch.sigmoid(logits.detach()), targets)
+        # Validation and test losses are the plain BCE of the uncalibrated logits, comparable
+        # across weighting schemes and epochs.
+        loss = self._loss(logits, targets, training=False)
+        probabilities = self.probabilities_from_logits(logits.double())
+        for metric in metrics:
+            metric.update(probabilities, targets)
+        self.epoch_logits.update(logits)
+        self.epoch_targets.update(targets.float())
         return loss
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        # The training loss is class-weighted (what is optimised); validation and test losses are
-        # the plain BCE of the predictions, comparable across weighting schemes.
-        loss = self._step(batch, self.train_metrics, weighted=True)
+        images, targets = batch
+        logits = self.net(self.preprocess(images, augment=True)).float()
+        # The training loss is class-weighted and smoothed (what is optimised).
+        loss = self._loss(logits, targets, training=True)
+        self.train_metrics.update(torch.sigmoid(logits.detach()), targets)
         self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch[1])
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets)
         )
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss = self._step(batch, self.val_metrics, weighted=False)
+        loss = self._evaluation_step(batch, [self.val_metrics])
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch[1]), sync_dist=True
         )
 
+    def on_test_epoch_start(self) -> None:
+        # The threshold of the weights under test (loaded with the checkpoint), not the last epoch's.
+        self.test_metrics.threshold = self.threshold
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss = self._step(batch, self.test_metrics, weighted=False)
+        loss = self._evaluation_step(
+            batch, [self.test_metrics, self.test_metrics_at_study_threshold]
+        )
         self.log("test/loss", loss, on_epoch=True, batch_size=len(batch[1]), sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
+        # Validation metrics at the study's fixed threshold: comparable between epochs and runs,
+        # and not judged at a threshold chosen on the same images.
         self._log_epoch("val", self.val_metrics)
+        logits, targets = self._epoch_outputs()
+        if self.trainer.sanity_checking or len(logits) == 0 or not bool(logits.isfinite().all()):
+            return  # non-finite outputs: StopOnDivergence stops the run, naming the loss
+        temperature = fit_temperature(logits, targets)
+        uncalibrated = torch.sigmoid(logits)
+        calibrated = torch.sigmoid(logits / temperature)
+        threshold = self.threshold
+        if self.hparams.get("operating_point"):
+            rule = registry.build("operating_point", self.hparams.operating_point)
+            threshold = float(rule.choose(calibrated, targets))
+        self.set_operating_point(threshold, temperature)
+        self.log_dict(
+            {
+                "val/threshold": threshold,
+                "val/temperature": temperature,
+                "val/ece": expected_calibration_error(calibrated, targets),
+                "val/ece_uncalibrated": expected_calibration_error(uncalibrated, targets),
+            }
+        )
+
+    def _epoch_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every logit and label of the evaluation epoch (all ranks), on the CPU; then reset."""
+        if self.epoch_targets.update_count == 0:
+            empty = torch.zeros(0)
+            return empty, empty
+        logits = self.epoch_logits.compute().float().cpu().reshape(-1)
+        targets = self.epoch_targets.compute().float().cpu().reshape(-1)
+        self.epoch_logits.reset()
+        self.epoch_targets.reset()
+        return logits, targets
 
     def on_test_epoch_end(self) -> None:
         confusion, values = self._log_epoch("test", self.test_metrics, keep=True)
+        at_study = self.test_metrics_at_study_threshold
+        study_values = {name: float(v) for name, v in at_study.compute().items()}
+        logits, targets = self._epoch_outputs()
+        calibrated = self.probabilities_from_logits(logits)
+        # Non-finite outputs: no calibration; the report writer refuses the run, naming the loss.
+        finite = bool(logits.isfinite().all()) and len(logits) > 0
+        ece = expected_calibration_error(calibrated, targets) if finite else math.nan
+        ece_uncalibrated = (
+            expected_calibration_error(torch.sigmoid(logits), targets) if finite else math.nan
+        )
+        self.log_dict({"test/ece": ece, "test/ece_uncalibrated": ece_uncalibrated})
+        rule = self.hparams.get("operating_point")
         self.test_report = {
             "metrics": {name: float(v) for name, v in values.items()},
             "confusion_matrix": confusion.tolist(),
             "confusion_matrix_layout": "rows: true (NORMAL, PNEUMONIA); columns: predicted (NORMAL, PNEUMONIA)",
             "images": int(confusion.sum()),
-            "threshold": self.hparams.threshold,
+            "threshold": self.threshold,
+            "threshold_rule": (rule or {}).get("_target_", "fixed").rsplit(".", 1)[-1],
+            "temperature": float(self.temperature),
+            "calibration": {"ece": ece, "ece_uncalibrated": ece_uncalibrated, "bins": 15},
+            f"metrics_at_{STUDY_THRESHOLD}": study_values,
+            f"confusion_matrix_at_{STUDY_THRESHOLD}": at_study.confusion_matrix().tolist(),
         }
+        self.test_outputs = (calibrated.numpy(), targets.numpy()) if finite else None
+        if finite:
+            self._log_reliability_figure("test", calibrated, targets)
         self.test_metrics.reset()
+        at_study.reset()
 
     def _log_epoch(self, stage: str, metrics: DiagnosticMetrics, keep: bool = False):
         confusion = metrics.confusion_matrix().cpu()
@@ -333,6 +531,18 @@ class XrayClassifier(L.LightningModule):
         if not keep:
             metrics.reset()
         return confusion, values
+
+    def _log_reliability_figure(
+        self, stage: str, probabilities: torch.Tensor, targets: torch.Tensor
+    ) -> None:
+        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tensorboards or not self.trainer.is_global_zero or len(targets) == 0:
+            return
+        from pneumonia.metrics.calibration import reliability_diagram
+
+        figure = reliability_diagram(probabilities, targets, title=f"{stage} reliability")
+        for logger in tensorboards:
+            logger.experiment.add_figure(f"{stage}/reliability_diagram", figure, self.global_step)
 
     def _log_confusion_figure(self, stage: str, confusion: torch.Tensor) -> None:
         tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
@@ -354,6 +564,15 @@ class XrayClassifier(L.LightningModule):
             return optimizer
         interval = self.hparams.scheduler.get("interval", "epoch")
         scheduler = _without_interval(self.hparams.scheduler)
+        if "total_steps" in scheduler and scheduler["total_steps"] is None:
+            # Schedules over the whole run (one-cycle, warm-up + cosine) learn its length here.
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ValueError(
+                    f"{scheduler['_target_']} with total_steps=null needs a run of known length: "
+                    "set trainer.max_epochs (>= 1) or trainer.max_steps, or give total_steps"
+                )
+            scheduler["total_steps"] = int(steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -370,6 +589,9 @@ def _without_interval(scheduler: Mapping[str, Any] | None) -> dict[str, Any] | N
     return {k: v for k, v in scheduler.items() if k != "interval"}
 
 
+_DATASET_NORM = {"_target_": "pneumonia.model.normalization.DatasetStandardization"}
+
+
 def _check_plain_hyperparameters(
     net,
     image_size,
@@ -380,6 +602,8 @@ def _check_plain_hyperparameters(
     channels_last,
     data_root,
     split,
+    label_smoothing,
+    temperature,
 ) -> None:
     """Type and range checks of the non-network hyperparameters (a checkpoint may hold anything)."""
 
@@ -399,6 +623,8 @@ def _check_plain_hyperparameters(
     number("pixel_mean", pixel_mean, 0.0, 1.0)
     number("pixel_std", pixel_std, 1e-6, 1.0)
     number("threshold", threshold, 0.0, 1.0)
+    number("label_smoothing", label_smoothing, 0.0, 0.4999)
+    number("temperature", temperature, 1e-3, 1e3)
     if class_weights is not None:
         if not isinstance(class_weights, list | tuple) or len(class_weights) != len(CLASS_NAMES):
             raise ValueError(f"class_weights={class_weights!r} must be one weight per class")

@@ -1,4 +1,4 @@
-"""The classes a config or a checkpoint may build: networks, optimisers and learning-rate schedulers.
+"""The classes a config or a checkpoint may build: networks, optimisers, schedulers and the rest.
 
 A checkpoint is data from anyone, and its hyperparameters say what to build as Hydra-style nodes,
 ``{"_target_": "pneumonia.model.study_cnn.StudyCNN", "image_size": 128}``. Such a node is never
@@ -13,7 +13,9 @@ Registries:
         registers itself; register your own before loading a checkpoint that names it).
     ``OPTIMIZERS``: every ``torch.optim.Optimizer`` subclass that ``torch.optim`` exports.
     ``SCHEDULERS``: the ``torch.optim.lr_scheduler`` schedulers whose arguments are plain values
-        (not those taking functions or other schedulers).
+        (not those taking functions or other schedulers), and this package's own.
+    ``augmentation``, ``normalization``, ``operating_point``: filled by :func:`register` from the
+        modules that define them (batch augmentation, input normalisation, threshold rules).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 TARGET = "_target_"
-ROLES = ("net", "optimizer", "scheduler")
+ROLES = ("net", "optimizer", "scheduler", "augmentation", "normalization", "operating_point")
 _PLAIN = (str, int, float, bool, type(None))
 # Schedulers whose arguments are callables or other schedulers: never built from data.
 _SCHEDULERS_TAKING_CODE = frozenset(
@@ -59,32 +61,54 @@ REGISTRIES: dict[str, dict[str, type]] = {
     "net": NETWORKS,
     "optimizer": OPTIMIZERS,
     "scheduler": SCHEDULERS,
+    "augmentation": {},
+    "normalization": {},
+    "operating_point": {},
 }
 _BASES: dict[str, type] = {
     "net": nn.Module,
     "optimizer": torch.optim.Optimizer,
     "scheduler": LRScheduler,
+    "augmentation": nn.Module,
+    "normalization": nn.Module,
+    "operating_point": object,
 }
 
-ModuleClass = TypeVar("ModuleClass", bound=type[nn.Module])
+Class = TypeVar("Class", bound=type)
 
 
-def register_network(cls: ModuleClass) -> ModuleClass:
-    """Class decorator: let configs and checkpoints build ``cls`` by its full dotted name.
+def register(role: str) -> Callable[[Class], Class]:
+    """Class decorator factory: let configs and checkpoints build a class in ``role`` by its name.
 
-    The name is ``f"{cls.__module__}.{cls.__qualname__}"``, the ``_target_`` a config uses.
+    The name is ``f"{cls.__module__}.{cls.__qualname__}"``, the ``_target_`` a config uses::
+
+        @register("augmentation")
+        class BatchAugmentation(nn.Module): ...
     """
-    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-        raise TypeError(f"only nn.Module subclasses can be registered as networks, not {cls!r}")
-    NETWORKS[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return cls
+    if role not in REGISTRIES:
+        raise ValueError(f"role {role!r} must be one of {ROLES}")
+
+    def decorate(cls: Class) -> Class:
+        if not (inspect.isclass(cls) and issubclass(cls, _BASES[role])):
+            raise TypeError(
+                f"only {_BASES[role].__name__} subclasses can be registered as {role}, not {cls!r}"
+            )
+        REGISTRIES[role][f"{cls.__module__}.{cls.__qualname__}"] = cls
+        return cls
+
+    return decorate
+
+
+def register_network(cls: Class) -> Class:
+    """Class decorator: let configs and checkpoints build the network ``cls`` by its full name."""
+    return register("net")(cls)
 
 
 def resolve(role: str, node: Any, where: str | None = None) -> Callable[..., Any]:
     """Check ``node`` completely and return a function that builds it (extra keyword arguments allowed).
 
     Args:
-        role: ``"net"``, ``"optimizer"`` or ``"scheduler"``; nested nodes resolve in the same role.
+        role: one of ``ROLES``; nested nodes resolve in the same role.
         node: mapping with a ``_target_`` from ``REGISTRIES[role]`` and plain-data arguments.
         where: name of the node in error messages (default: ``role``).
 

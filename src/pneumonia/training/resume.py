@@ -21,6 +21,31 @@ SPLIT_SETTING_NAMES = {
 }
 
 
+# What a resumed run must keep: changing any of these mid-run makes a model no recipe describes.
+RECIPE_KEYS = (
+    "net", "image_size", "optimizer", "scheduler", "augmentation", "normalization",
+    "label_smoothing", "operating_point",
+)  # fmt: skip
+# Their values in checkpoints written before they existed (and what an empty group means).
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "label_smoothing": 0.0,
+    "normalization": {"_target_": "pneumonia.model.normalization.DatasetStandardization"},
+    "operating_point": {
+        "_target_": "pneumonia.metrics.operating_point.FixedThreshold",
+        "threshold": 0.5,
+    },
+}
+
+
+def split_differences(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """``"<setting>: <old> -> <new>"`` for every split setting that differs."""
+    return [
+        f"{SPLIT_SETTING_NAMES.get(key, key)}: {saved.get(key)!r} -> {settings.get(key)!r}"
+        for key in sorted(saved.keys() | settings.keys())
+        if saved.get(key) != settings.get(key)
+    ]
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a resumed run starts: its checkpoint, the hyperparameters, global step and epoch in it."""
@@ -42,7 +67,7 @@ class ResumePoint:
         )
 
     def check_same_model(self, hparams: dict[str, Any]) -> None:
-        """Refuse to resume into another architecture, image size, optimizer or scheduler.
+        """Refuse to resume into another architecture, image size, optimizer, scheduler or recipe.
 
         Lightning restores the optimizer's and scheduler's state from the checkpoint, so new
         settings for them would be recorded in the checkpoint but silently not used.
@@ -50,11 +75,13 @@ class ResumePoint:
         Raises:
             CheckpointError: naming both values.
         """
-        for key in ("net", "image_size", "optimizer", "scheduler"):
-            if self.hparams.get(key) != hparams[key]:
+        for key in RECIPE_KEYS:
+            saved = self.hparams.get(key) or RECIPE_DEFAULTS.get(key, self.hparams.get(key))
+            configured = hparams.get(key) or RECIPE_DEFAULTS.get(key, hparams.get(key))
+            if saved != configured:
                 raise CheckpointError(
-                    f"{self.path} was trained with {key}={self.hparams.get(key)}, but this run "
-                    f"configures {key}={hparams[key]}; resume with the overrides of the original "
+                    f"{self.path} was trained with {key}={saved}, but this run "
+                    f"configures {key}={configured}; resume with the overrides of the original "
                     "run (a resume continues that run; start a new one for other settings)"
                 )
 
@@ -70,11 +97,7 @@ class ResumePoint:
         saved = self.hparams.get("split")
         if not isinstance(saved, dict):
             return  # written before splits were recorded; the run's split.csv still guards it
-        changed = [
-            f"{SPLIT_SETTING_NAMES.get(key, key)}: {saved.get(key)!r} -> {settings.get(key)!r}"
-            for key in sorted(saved.keys() | settings.keys())
-            if saved.get(key) != settings.get(key)
-        ]
+        changed = split_differences(saved, settings)
         if changed:
             raise SplitChangedError(
                 f"{self.path} was trained on another split than this run would make ("

@@ -15,18 +15,26 @@ from omegaconf import DictConfig
 
 from pneumonia.config import check_train_config
 from pneumonia.data.datamodule import ChestXrayDataModule
-from pneumonia.errors import CheckpointError, NothingTrainedError
+from pneumonia.data.discovery import looks_like_a_dataset
+from pneumonia.errors import CheckpointError, NothingTrainedError, SplitChangedError
 from pneumonia.metrics.diagnostic import METRIC_NAMES
-from pneumonia.model.classifier import XrayClassifier, to_plain
-from pneumonia.training.callbacks import StopOnDivergence
-from pneumonia.training.checkpoints import read_hyperparameters, recorded_score, resolve_checkpoint
-from pneumonia.training.report import (
+from pneumonia.metrics.evaluation import (
+    batch_predictor,
+    evaluate_external_sets,
+    external_metric_names,
+    log_external_results,
+    log_figure,
+)
+from pneumonia.metrics.report import (
     TestReportWriter,
     add_to_test_report,
     format_metrics_table,
     retire_test_report,
 )
-from pneumonia.training.resume import ResumePoint
+from pneumonia.model.classifier import XrayClassifier, to_plain
+from pneumonia.training.callbacks import StopOnDivergence
+from pneumonia.training.checkpoints import read_hyperparameters, recorded_score, resolve_checkpoint
+from pneumonia.training.resume import ResumePoint, split_differences
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +67,7 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     resume = ResumePoint.read(ckpt_path) if ckpt_path is not None else None
     datamodule: ChestXrayDataModule = instantiate(cfg.data)
-    module: XrayClassifier = instantiate(
-        cfg.model, optimizer=cfg.optimizer, scheduler=cfg.get("scheduler"), _recursive_=False
-    )
+    module: XrayClassifier = instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
     if resume is not None:
         resume.check_same_model(dict(module.hparams))
         log.info(
@@ -109,6 +115,8 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
                 "checkpoint was saved"
             )
             log.warning("no best checkpoint was saved; testing %s", weights)
+        elif checkpoint.monitor is None:
+            weights = f"the final weights, after {trainer.current_epoch} epoch(s)"
         else:
             weights = f"the best checkpoint by {checkpoint.monitor}"
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
@@ -116,7 +124,95 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
         if cfg.optimized_metric.startswith("test/"):
             name = cfg.optimized_metric.removeprefix("test/")
             score = _as_float((report or {}).get("metrics", {}).get(name))
+    if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
+        best = checkpoint.best_model_path if checkpoint is not None else None
+        measured = XrayClassifier.load_from_checkpoint(best, map_location="cpu") if best else module
+        device = trainer.strategy.root_device
+        measurements = _measure_outside_pool(
+            cfg, measured, datamodule, loggers, output_dir, trainer.global_step,
+            device if device.type == "cuda" else None,
+        )  # fmt: skip
+        if cfg.optimized_metric in measurements:
+            score = measurements[cfg.optimized_metric]
     return score
+
+
+def model_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """What the model is built with besides ``cfg.model``: optimiser, schedule and the recipe groups."""
+    return {
+        "optimizer": cfg.optimizer,
+        "scheduler": cfg.get("scheduler"),
+        "augmentation": cfg.get("augmentation"),
+        "normalization": cfg.get("normalization"),
+        "operating_point": cfg.get("operating_point"),
+        "label_smoothing": cfg.get("label_smoothing", 0.0),
+    }
+
+
+def _measures_outside_pool(cfg: DictConfig, datamodule: ChestXrayDataModule) -> bool:
+    return bool(datamodule.external_tests) or bool(cfg.get("shift_suite", {}).get("enabled"))
+
+
+def _measure_outside_pool(
+    cfg: DictConfig,
+    module: XrayClassifier,
+    datamodule: ChestXrayDataModule,
+    loggers: list[Logger],
+    output_dir: Path,
+    step: int,
+    device: Any = None,
+) -> dict[str, float]:
+    """Evaluate on the external test sets and run the shift suite, as configured.
+
+    Results go into ``test_metrics.json`` (``external``, ``shift_suite``), the loggers
+    (``external/<name>/<metric>``, ``shift/robustness``) and, for the shift suite, a table and a
+    plot beside it. Returns every scalar logged, by name, for the sweeper.
+    """
+    module.eval()
+    scalars: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    if datamodule.external_tests:
+        results = evaluate_external_sets(
+            module, datamodule, batch_size=max(datamodule.batch_size, 64), device=device
+        )
+        log_external_results(loggers, results, step)
+        extra["external"] = results
+        scalars.update(
+            {
+                f"external/{name}/{metric}": value
+                for name, result in results.items()
+                for metric, value in {**result["metrics"], "ece": result["ece"]}.items()
+            }
+        )
+    suite_cfg = cfg.get("shift_suite") or {}
+    if suite_cfg.get("enabled"):
+        from pneumonia.metrics.shift import run_shift_suite, shift_suite_figure
+
+        images, targets = datamodule.split_arrays("test")
+        result = run_shift_suite(
+            batch_predictor(module, device),
+            images,
+            targets,
+            module.threshold,
+            perturbations=suite_cfg.get("perturbations"),
+            severities=tuple(suite_cfg.get("severities") or (1, 2, 3)),
+            batch_size=int(suite_cfg.get("batch_size") or 256),
+            seed=int(suite_cfg.get("seed") or 0),
+        )
+        result.to_csv(output_dir / "shift_suite.csv")
+        (output_dir / "shift_suite.md").write_text(result.to_markdown() + "\n")
+        figure = shift_suite_figure(result)
+        figure.savefig(output_dir / "shift_suite.png", dpi=120)
+        log_figure(loggers, "shift/suite", figure, step)
+        for logger in loggers:
+            logger.log_metrics({"shift/robustness": result.score}, step=step)
+            logger.save()
+        extra["shift_suite"] = result.to_dict()
+        scalars["shift/robustness"] = result.score
+        print("\n" + result.to_markdown() + "\n")
+        print(f"shift suite: {output_dir / 'shift_suite.md'}, {output_dir / 'shift_suite.png'}")
+    add_to_test_report(output_dir, extra)
+    return scalars
 
 
 def _refuse_untrained(
@@ -173,18 +269,90 @@ def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
     hparams = read_hyperparameters(ckpt_path)
     module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     image_size = int(hparams["image_size"])
-    log.info(
-        "evaluating %s (trained at %dpx) on every image of %s", ckpt_path, image_size, cfg.data.root
-    )
-    datamodule: ChestXrayDataModule = instantiate(cfg.data, image_size=image_size)
+    data_settings: dict[str, Any] = {"image_size": image_size}
+    if cfg.get("checkpoint_split"):
+        data_settings.update(_checkpoint_split_settings(hparams, ckpt_path, cfg.data.get("root")))
+    datamodule: ChestXrayDataModule = instantiate(cfg.data, **data_settings)
+    if cfg.get("checkpoint_split"):
+        # Compared before anything is decoded: a wrong root is refused after a walk of its folders.
+        saved = {**hparams["split"], "root": str(datamodule.root)}
+        _check_rebuilt_split(saved, datamodule.split_settings(), ckpt_path)
+        log.info("evaluating %s on the test split it was trained with", ckpt_path)
+    else:
+        log.info(
+            "evaluating %s (trained at %dpx) on every image of %s",
+            ckpt_path,
+            image_size,
+            datamodule.root,
+        )
     loggers = _instantiate_all(cfg.get("logger"), Logger)
     callbacks = [TestReportWriter(output_dir)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainer.test(module, datamodule=datamodule)
     report = _print_report(
-        trainer, output_dir, {"checkpoint": str(ckpt_path), "data_root": str(cfg.data.root)}
+        trainer, output_dir, {"checkpoint": str(ckpt_path), "data_root": str(datamodule.root)}
     )
-    return report["metrics"]["balanced_accuracy"] if report else None
+    score = report["metrics"]["balanced_accuracy"] if report else None
+    if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
+        device = trainer.strategy.root_device
+        measurements = _measure_outside_pool(
+            cfg, module, datamodule, loggers, output_dir, 0,
+            device if device.type == "cuda" else None,
+        )  # fmt: skip
+        score = measurements.get(cfg.optimized_metric, score)
+    return score
+
+
+def _checkpoint_split_settings(
+    hparams: dict[str, Any], ckpt_path: Path, root: str | None
+) -> dict[str, Any]:
+    """The data settings that rebuild the split a checkpoint was trained on.
+
+    ``root``: where the data lies now (``data.root``); ``None``: where the checkpoint says it was
+    trained, if that folder looks like a dataset. The files below it must be the same ones.
+    """
+    split = hparams.get("split")
+    if not isinstance(split, dict):
+        raise CheckpointError(
+            f"{ckpt_path} records no split (it predates split records), so its test split cannot "
+            "be rebuilt; evaluate it on a folder instead: --config-name eval data.root=<folder>"
+        )
+    fractions = split.get("split_fractions")
+    valid = (
+        isinstance(split.get("root"), str)
+        and isinstance(split.get("seed"), int)
+        and split.get("group_by") in ("patient", "image")
+        and isinstance(fractions, list)
+        and len(fractions) == 3
+        and all(isinstance(f, int | float) and not isinstance(f, bool) for f in fractions)
+    )
+    if not valid:
+        raise CheckpointError(f"{ckpt_path} records a malformed split: {split!r}")
+    if root is None:
+        root = split["root"]
+        if not looks_like_a_dataset(Path(root)):
+            raise CheckpointError(
+                f"{ckpt_path} was trained on {root}, which holds no NORMAL or PNEUMONIA folder "
+                "now; pass data.root=<the folder the data lies in now>"
+            )
+    return {
+        "root": root,
+        "seed": split["seed"],
+        "split_fractions": fractions,
+        "group_by": split["group_by"],
+        "require_both_classes": True,
+    }
+
+
+def _check_rebuilt_split(saved: dict[str, Any], rebuilt: dict[str, Any], ckpt_path: Path) -> None:
+    changed = split_differences(saved, rebuilt)
+    if changed:
+        raise SplitChangedError(
+            f"the test split of {ckpt_path} cannot be rebuilt: its data changed ("
+            + "; ".join(changed)
+            + "). Restore the files it was trained on, or evaluate on a folder: "
+            "--config-name eval data.root=<folder>"
+        )
 
 
 def _print_report(
@@ -222,6 +390,10 @@ def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
             "model",
             "optimizer",
             "scheduler",
+            "augmentation",
+            "normalization",
+            "operating_point",
+            "label_smoothing",
             "class_weighting",
             "data",
             "trainer",
@@ -236,6 +408,11 @@ def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
         if k not in ("root", "cache_dir", "split_csv")
     }
     placeholders = {f"{stage}/{name}": 0.0 for stage in ("val", "test") for name in METRIC_NAMES}
+    placeholders.update(
+        dict.fromkeys(external_metric_names(cfg.data.get("external_tests") or {}), 0.0)
+    )
+    if (cfg.get("shift_suite") or {}).get("enabled"):
+        placeholders["shift/robustness"] = 0.0
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics=placeholders)

@@ -1,7 +1,7 @@
 import numpy as np
 from captum.attr._utils.visualization import _normalize_attr
 
-from pneumonia.explain.raster import (
+from pneumonia.explain.rendering.raster import (
     CAPTION_HEIGHT,
     TITLE_HEIGHT,
     attribution_grid_image,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pneumonia.errors import NonFiniteOutputError
-from pneumonia.training.report import TestReportWriter
+from pneumonia.metrics.report import TestReportWriter
 
 REPORT = {"metrics": {"balanced_accuracy": 0.5}, "confusion_matrix": [[1, 0], [1, 0]], "images": 2}
 
@@ -34,3 +34,16 @@ def test_a_finite_test_loss_writes_the_report(tmp_path):
         "test_confusion_matrix.png",
         "test_metrics.json",
     ]
+
+
+def test_reports_are_strict_json_with_undefined_values_as_null(tmp_path):
+    import json
+    import math
+
+    from pneumonia.metrics.report import add_to_test_report, format_metrics_table
+
+    add_to_test_report(tmp_path, {"metrics": {"auroc": math.nan, "recall": 1.0}, "x": [math.inf]})
+    text = (tmp_path / "test_metrics.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert report["metrics"]["auroc"] is None and report["x"] == [None]
+    assert "n/a" in format_metrics_table(report["metrics"])

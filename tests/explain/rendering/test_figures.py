@@ -1,6 +1,12 @@
 import numpy as np
 
-from pneumonia.explain.figures import SIGNS, attribution_grid, close, describe, study_figure
+from pneumonia.explain.rendering.figures import (
+    SIGNS,
+    attribution_grid,
+    close,
+    describe,
+    study_figure,
+)
 
 
 def _shown(ax) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumonia.explain.faithfulness import (
+from pneumonia.explain.trust.faithfulness import (
     deletion_auc,
     deletion_curve,
     eval_mode,

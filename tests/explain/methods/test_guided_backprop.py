@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 
-from pneumonia.explain.guided_backprop import LeakyGuidedBackprop
-from pneumonia.explain.guided_gradcam import LeakyGuidedGradCam
+from pneumonia.explain.methods.guided_backprop import LeakyGuidedBackprop
+from pneumonia.explain.methods.guided_gradcam import LeakyGuidedGradCam
 from pneumonia.model.study_cnn import StudyCNN
 
 

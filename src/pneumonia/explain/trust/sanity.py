@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pneumonia.explain.methods import AttributionFn
+from pneumonia.explain.methods.registry import AttributionFn
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What a run leaves for people: the metric table, ``test_metrics.json`` and the confusion-matrix PNG."""
+"""What a run leaves for people: the metric table, ``test_metrics.json``, the confusion matrix and
+the reliability diagram as PNGs."""
 
 from __future__ import annotations
 
@@ -16,12 +17,30 @@ from pneumonia.errors import NonFiniteOutputError
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 
 
+def to_json(report: dict[str, Any]) -> str:
+    """Strict JSON (any parser reads it): an undefined value (NaN, e.g. AUROC of one class) is null."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(report), indent=2, allow_nan=False) + "\n"
+
+
 def format_metrics_table(metrics: dict[str, float], title: str = "test") -> str:
     """A small fixed-width table of ``METRIC_NAMES`` (missing ones are skipped)."""
     rows = [(name, metrics[name]) for name in METRIC_NAMES if name in metrics]
     width = max(len(name) for name, _ in rows)
     lines = [f"{title:<{width}}   value", "-" * (width + 9)]
-    lines += [f"{name:<{width}}   {value:6.4f}" for name, value in rows]
+    lines += [
+        f"{name:<{width}}   " + ("   n/a" if value is None or value != value else f"{value:6.4f}")
+        for name, value in rows
+    ]
     return "\n".join(lines)
 
 
@@ -32,13 +51,24 @@ def write_test_report(output_dir: str | Path, report: dict[str, Any], stem: str 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / f"{stem}_metrics.json"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    json_path.write_text(to_json(report))
     figure = confusion_matrix_figure(np.array(report["confusion_matrix"]), CLASS_NAMES, stem)
     figure.savefig(output_dir / f"{stem}_confusion_matrix.png")
     import matplotlib.pyplot as plt
 
     plt.close(figure)
     return json_path
+
+
+def write_reliability_diagram(
+    output_dir: str | Path, probabilities: np.ndarray, targets: np.ndarray, stem: str = "test"
+) -> Path:
+    """Write ``<stem>_reliability.png``: observed P(PNEUMONIA) against predicted, per bin."""
+    from pneumonia.metrics.calibration import reliability_diagram
+
+    path = Path(output_dir) / f"{stem}_reliability.png"
+    reliability_diagram(probabilities, targets, title=f"{stem}, calibrated").savefig(path)
+    return path
 
 
 class TestReportWriter(Callback):
@@ -67,6 +97,9 @@ class TestReportWriter(Callback):
             "class_weights": pl_module.hparams.get("class_weights"),
         }
         write_test_report(self.output_dir, {**report, **extra})
+        outputs = getattr(pl_module, "test_outputs", None)
+        if outputs is not None and len(outputs[1]):
+            write_reliability_diagram(self.output_dir, *outputs)
 
 
 def retire_test_report(output_dir: str | Path, stem: str = "test") -> None:
@@ -84,8 +117,8 @@ def retire_test_report(output_dir: str | Path, stem: str = "test") -> None:
 def add_to_test_report(
     output_dir: str | Path, extra: dict[str, Any], stem: str = "test"
 ) -> dict[str, Any]:
-    """Merge ``extra`` into ``<stem>_metrics.json`` and return the whole report."""
+    """Merge ``extra`` into ``<stem>_metrics.json`` (created if absent) and return the whole report."""
     path = Path(output_dir) / f"{stem}_metrics.json"
-    report = {**json.loads(path.read_text()), **extra}
-    path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    report = {**(json.loads(path.read_text()) if path.exists() else {}), **extra}
+    path.write_text(to_json(report))
     return report

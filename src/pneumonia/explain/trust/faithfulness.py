@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumonia.explain.methods import eval_mode
+from pneumonia.explain.methods.common import eval_mode
 
 Baseline = float | str
 """A fill value for removed pixels, or ``"mean"`` for each image's own mean intensity."""

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from pneumonia.explain.sanity import (
+from pneumonia.explain.trust.sanity import (
     RandomizationStep,
     cascading_randomization,
     parameterised_layers,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pneumonia.explain.regions import (
+from pneumonia.explain.trust.regions import (
     REGION_NAMES,
     format_region_table,
     region_area_shares,

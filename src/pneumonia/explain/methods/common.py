@@ -1,0 +1,134 @@
+"""What every attribution method shares: the two-class wrapper, the layer choice, attribution mode.
+
+A classifier here returns one logit per image, ``(B,)``, for images ``(B, 1, H, W)`` in [0, 1].
+:class:`ClassScores` turns it into the scores ``[-logit, logit]`` ``(B, 2)`` of (NORMAL, PNEUMONIA)
+that Captum's ``target=`` indexes, so explaining NORMAL attributes the negated logit (a confident
+NORMAL image otherwise gets an all-zero, ReLU'd Grad-CAM).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+DEFAULT_THRESHOLD = 0.5
+"""The decision threshold of a classifier that stores none (a bare ``nn.Module``)."""
+
+
+class ClassScores(nn.Module):
+    """Wraps a single-logit classifier: images ``(B, 1, H, W)`` in [0, 1] -> scores ``(B, 2)``.
+
+    ``sigmoid(scores[:, c])`` is the uncalibrated probability of class ``c``; the displayed
+    P(PNEUMONIA) is :func:`pneumonia_probabilities` (the classifier's calibrated one).
+    """
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logit = self.classifier(images)
+        return torch.stack([-logit, logit], dim=1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The classifier inside a :class:`ClassScores`, else ``model`` itself."""
+    return model.classifier if isinstance(model, ClassScores) else model
+
+
+def pneumonia_probabilities(model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """P(PNEUMONIA) ``(B,)`` of the scores ``(B, 2)`` that ``model`` (a :class:`ClassScores`) gave.
+
+    The classifier's own calibrated probability (``XrayClassifier.probabilities_from_logits``:
+    ``sigmoid(logit / temperature)``) when it has one, else ``sigmoid(logit)``.
+    """
+    logits = scores[:, 1]
+    calibrated = getattr(unwrap(model), "probabilities_from_logits", None)
+    return calibrated(logits) if callable(calibrated) else torch.sigmoid(logits.float())
+
+
+def decision_threshold(model: nn.Module) -> float:
+    """The classifier's stored decision threshold (``XrayClassifier.threshold``), else 0.5.
+
+    P(PNEUMONIA) at or above it is called PNEUMONIA.
+    """
+    threshold = getattr(unwrap(model), "threshold", None)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        return DEFAULT_THRESHOLD
+    return float(threshold)
+
+
+def find_layer(model: nn.Module, name: str | None) -> nn.Module:
+    """The module called ``name`` (dotted path, e.g. ``net.features.6``), else the network's own
+    ``gradcam_layer`` if it names one (ResNet-18: its last stage), else the last ``Conv2d``.
+
+    Names are relative to the classifier, also when ``model`` is its :class:`ClassScores` wrapper.
+    """
+    model = unwrap(model)
+    preferred = getattr(getattr(model, "net", None), "gradcam_layer", None)
+    if not name and isinstance(preferred, nn.Module):
+        return preferred
+    if name:
+        try:
+            return model.get_submodule(name)
+        except AttributeError as err:
+            convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+            raise ValueError(
+                f"layer {name!r} is not in the model; convolutions are {convs}"
+            ) from err
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(
+            "the model has no Conv2d layer for Grad-CAM; name one with layer=<module path>"
+        )
+    return convs[-1]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule of ``model`` in eval mode, then restore each one's own previous mode.
+
+    ``model.train(previous)`` would not do: it overwrites a mix of modes (e.g. a frozen, eval-mode
+    backbone inside a training model) with a single flag.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def attribution_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout noise), no in-place activations, gradients on; all restored afterwards.
+
+    Gradients are enabled even inside ``torch.no_grad`` (Lightning's validation) and
+    ``torch.inference_mode`` (``trainer.validate``/``trainer.test``); tensors made inside are normal
+    tensors. Captum's warning about hooking activations is expected here and silenced.
+    """
+    inplace = [
+        (m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)
+    ]
+    for module, _ in inplace:
+        module.inplace = False
+    try:
+        with (
+            eval_mode(model),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            warnings.catch_warnings(),
+        ):
+            warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
+            warnings.filterwarnings(
+                "ignore", message=".*Input Tensor 0 did not already require gradients"
+            )
+            yield
+    finally:
+        for module, was_inplace in inplace:
+            module.inplace = was_inplace

@@ -1,0 +1,135 @@
+"""Evaluating a trained model on a set of images outside Lightning's loops.
+
+The test split is evaluated by ``trainer.test``; the sets a model has never seen in any form, the
+external test sets and the shift suite's perturbed copies of the test split, are evaluated here:
+predictions at the model's stored temperature, decisions at its stored threshold, metrics, the
+confusion matrix and the calibration error, in the shape of ``test_metrics.json``'s own entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from tqdm.auto import tqdm
+
+from pneumonia.errors import NonFiniteOutputError
+from pneumonia.metrics.calibration import expected_calibration_error
+from pneumonia.metrics.diagnostic import METRIC_NAMES, DiagnosticMetrics
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def batch_predictor(module: Any, device: str | torch.device | None = None) -> Predict:
+    """``uint8 (b, 1, S, S) -> P(PNEUMONIA) (b,)`` on the CPU, running ``module`` on ``device``."""
+    if device is not None:
+        module.to(device)
+    return lambda images: module.predict_proba(images).float().cpu()
+
+
+def predict(
+    predict_batch: Predict, images: torch.Tensor, batch_size: int = 256, desc: str | None = None
+) -> torch.Tensor:
+    """P(PNEUMONIA) ``(N,)`` of uint8 images ``(N, 1, S, S)``, batch by batch (progress bar if ``desc``)."""
+    starts = range(0, len(images), batch_size)
+    if desc is not None:
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    outputs = [predict_batch(images[start : start + batch_size]) for start in starts]
+    probabilities = torch.cat(outputs) if outputs else torch.zeros(0)
+    if not bool(probabilities.isfinite().all()):
+        raise NonFiniteOutputError(
+            f"the model's outputs{f' on {desc}' if desc else ''} are not finite (its weights "
+            "overflow): its metrics would mean nothing; the checkpoint comes from a diverged run"
+        )
+    return probabilities
+
+
+def evaluate_predictions(
+    probabilities: torch.Tensor, targets: torch.Tensor, threshold: float
+) -> dict[str, Any]:
+    """Metrics, confusion matrix and calibration error of predictions at ``threshold``.
+
+    Args:
+        probabilities: ``(N,)`` P(PNEUMONIA).
+        targets: ``(N,)`` labels in {0, 1}.
+        threshold: at or above it, PNEUMONIA.
+
+    Returns:
+        ``{"metrics": {METRIC_NAMES: float}, "confusion_matrix": [[tn, fp], [fn, tp]],
+        "images": N, "threshold": threshold, "ece": float}`` (AUROC NaN with one class present).
+    """
+    metrics = DiagnosticMetrics(threshold)
+    if len(targets):
+        metrics.update(probabilities.float(), targets.long())
+    values = {name: float(value) for name, value in metrics.compute().items()}
+    return {
+        "metrics": values,
+        "confusion_matrix": metrics.confusion_matrix().tolist(),
+        "images": len(targets),
+        "threshold": float(threshold),
+        "ece": expected_calibration_error(probabilities, targets) if len(targets) else math.nan,
+    }
+
+
+def evaluate_external_sets(
+    module: Any,
+    datamodule: Any,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``module`` on each of ``datamodule.external_tests`` (name -> folder).
+
+    Returns:
+        name -> :func:`evaluate_predictions` entry, plus ``"folder"`` and ``"skipped"`` (files that
+        could not be read, counted).
+    """
+    predict_batch = batch_predictor(module, device)
+    results: dict[str, dict[str, Any]] = {}
+    for name, folder in datamodule.external_tests.items():
+        external = datamodule.external_test_set(name)
+        images, targets = external.split_arrays("test")
+        probabilities = predict(predict_batch, images, batch_size, desc=f"external {name}")
+        result = evaluate_predictions(probabilities, targets, module.threshold)
+        result["folder"] = str(folder)
+        result["skipped"] = int((external.splits == "skipped").sum()) + len(external.skipped_files)
+        results[name] = result
+        log.info(
+            "external test set %s (%d images, %s): %s",
+            name,
+            result["images"],
+            folder,
+            ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()),
+        )
+    return results
+
+
+def log_external_results(
+    loggers: Iterable[Logger], results: dict[str, dict[str, Any]], step: int
+) -> None:
+    """Log ``external/<name>/<metric>`` (and ``/ece``) at ``step`` to every logger."""
+    values = {
+        f"external/{name}/{metric}": value
+        for name, result in results.items()
+        for metric, value in {**result["metrics"], "ece": result["ece"]}.items()
+    }
+    for logger in loggers:
+        logger.log_metrics(values, step=step)
+        logger.save()
+
+
+def log_figure(loggers: Iterable[Logger], tag: str, figure: Any, step: int) -> None:
+    """Add a matplotlib figure to every TensorBoard logger."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(tag, figure, step)
+
+
+def external_metric_names(names: Iterable[str]) -> list[str]:
+    """``external/<name>/<metric>`` for every metric a run reports on each external set."""
+    return [f"external/{name}/{metric}" for name in names for metric in (*METRIC_NAMES, "ece")]
