@@ -89,6 +89,7 @@ def test_explain_py_refuses_a_figure_method_before_loading_anything(compose_conf
         (("shift_suite.enabled=true", "shift_suite.perturbations=[contrast,blurr]"), r"\['blurr'\] unknown"),
         (("shift_suite.enabled=true", "shift_suite.severities=[1,4]"), r"severities=\[1, 4\]"),
         (("shift_suite.enabled=true", "shift_suite.severities=[]"), r"severities=\[\]"),
+        (("shift_suite.enabled=true", "shift_suite.threshold=1.5"), r"threshold=1.5 must be"),
     ],
 )  # fmt: skip
 def test_recipe_settings_that_would_fail_after_training_are_refused_first(

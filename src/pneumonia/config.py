@@ -91,6 +91,16 @@ def _check_recipe_groups(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"shift_suite.perturbations: {unknown} unknown; choose from {list(PERTURBATIONS)}"
             )
+        threshold = suite.get("threshold")
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0 <= threshold <= 1
+        ):
+            raise ConfigError(
+                f"shift_suite.threshold={threshold!r} must be a probability in [0, 1], or null "
+                "for the checkpoint's stored threshold"
+            )
         severities = suite.get("severities")
         if severities is not None and (
             not severities or any(s not in SEVERITIES for s in severities)

@@ -86,6 +86,13 @@ def test_the_shift_suite_runs_on_any_checkpoint_on_its_own_test_split(
     assert again["images"] == trained["images"]
     assert again["metrics"] == pytest.approx(trained["metrics"], nan_ok=True)
     assert again["shift_suite"]["score"] == pytest.approx(trained["shift_suite"]["score"])
+    at_study = tmp_path / "shift_at_0.25"
+    train(
+        f"ckpt_path={run_dir}", *SUITE, "shift_suite.threshold=0.25", f"run_dir={at_study}",
+        config_name="shift", cache_dir=cache_dir,
+    )  # fmt: skip
+    suite = json.loads((at_study / "test_metrics.json").read_text())["shift_suite"]
+    assert suite["threshold"] == 0.25 != trained["shift_suite"]["threshold"]
 
 
 def test_the_shift_suite_refuses_a_checkpoint_whose_split_cannot_be_rebuilt(

@@ -189,11 +189,12 @@ def _measure_outside_pool(
         from pneumonia.metrics.shift import run_shift_suite, shift_suite_figure
 
         images, targets = datamodule.split_arrays("test")
+        threshold = suite_cfg.get("threshold")
         result = run_shift_suite(
             batch_predictor(module, device),
             images,
             targets,
-            module.threshold,
+            module.threshold if threshold is None else float(threshold),
             perturbations=suite_cfg.get("perturbations"),
             severities=tuple(suite_cfg.get("severities") or (1, 2, 3)),
             batch_size=int(suite_cfg.get("batch_size") or 256),
