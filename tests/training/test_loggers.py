@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pneumonia.training.loggers import ContinuingCSVLogger, ContinuingTensorBoardLogger
@@ -43,3 +44,21 @@ def test_tensorboard_has_each_step_once_after_a_resume(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     points = [(e.step, e.value) for e in events.Scalars("val/score")]
     assert points == [(0, 0.0), (5, 5.0), (10, 10.0), (15, 115.0), (20, 120.0), (25, 125.0)]
+
+
+def test_a_kill_while_a_new_column_is_added_keeps_every_earlier_row(tmp_path, monkeypatch):
+    logger = ContinuingCSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"val/balanced_accuracy": 0.9}, step=20)
+    logger.save()
+
+    def killed(self, rows):  # the process dies while the file is being written again
+        raise KeyboardInterrupt
+
+    logger.log_metrics({"train/loss_epoch": 0.3}, step=20)  # a new column: the file is rewritten
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    monkeypatch.undo()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["val/balanced_accuracy"] for row in rows] == ["0.9"]

@@ -75,6 +75,19 @@ class _ContinuingWriter(ExperimentWriter):
         os.replace(partial, self.metrics_file_path)
         self.metrics_keys = header
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning truncates metrics.csv and writes it again when a new column appears (the
+        # first epoch-end metrics, logged right after a checkpoint is saved): a kill in between
+        # lost every earlier row. Written aside and renamed into place instead.
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        partial = f"{self.metrics_file_path}.partial"
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, self.metrics_file_path)
+
 
 def _step_of(row: dict[str, str]) -> float:
     try:
