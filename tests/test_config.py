@@ -49,6 +49,16 @@ def _classifier(cfg) -> XrayClassifier:
     return instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
 
 
+def _prepared(cfg) -> tuple:
+    """The config's DataModule, set up for fitting, and its model with the data's statistics."""
+    datamodule = instantiate(cfg.data)
+    module = _classifier(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.adopt_data_statistics(datamodule)
+    return datamodule, module
+
+
 @pytest.fixture(scope="module")
 def unbalanced_root(data_root, tmp_path_factory) -> Path:
     """12 NORMAL and 32 PNEUMONIA real images: balanced class weights differ from 1, and the
@@ -195,11 +205,7 @@ def test_study_presets_train_with_the_study_setup(
     compose_config, unbalanced_root, preset, weighting
 ):
     cfg = compose_config(f"experiment={preset}", f"data.root={unbalanced_root}")
-    datamodule = instantiate(cfg.data)
-    module = _classifier(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module.adopt_data_statistics(datamodule)
+    datamodule, module = _prepared(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_steps=2, limit_val_batches=0, enable_checkpointing=False, **QUIET
     )
@@ -236,11 +242,7 @@ def test_every_recipe_option_is_built_into_the_model_and_trains_a_few_batches(
     compose_config, unbalanced_root, group, option
 ):
     cfg = compose_config(f"{group}={option}", f"data.root={unbalanced_root}", "image_size=64")
-    datamodule = instantiate(cfg.data)
-    module = _classifier(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module.adopt_data_statistics(datamodule)
+    datamodule, module = _prepared(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0,
         val_check_interval=2, enable_checkpointing=False, **QUIET,

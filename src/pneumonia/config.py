@@ -21,6 +21,7 @@ from pneumonia.explain.settings import (
     check_target,
 )
 from pneumonia.metrics.diagnostic import METRIC_NAMES
+from pneumonia.metrics.evaluation import external_metric_names
 
 OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
     f"{stage}/{name}" for stage in ("val", "test") for name in (*METRIC_NAMES, "loss")
@@ -30,7 +31,7 @@ OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
 def optimizable_metrics(cfg: DictConfig) -> tuple[str, ...]:
     """The metrics a run with this config produces and a sweep may optimise."""
     external = OmegaConf.select(cfg, "data.external_tests") or {}
-    names = [f"external/{name}/{m}" for name in external for m in (*METRIC_NAMES, "ece")]
+    names = external_metric_names(external)
     if OmegaConf.select(cfg, "shift_suite.enabled"):
         names.append("shift/robustness")
     return (*OPTIMIZABLE_METRICS, *names)
@@ -72,6 +73,19 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_recipe_groups(cfg)
 
 
+def check_threshold_override(key: str, threshold: object) -> None:
+    """Refuse a threshold that is neither null (the checkpoint's stored one) nor in [0, 1]."""
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0.0 <= threshold <= 1.0  # False for NaN too
+    ):
+        raise ConfigError(
+            f"{key}={threshold!r} must be a probability in [0, 1] (P(PNEUMONIA) at or above it "
+            "is called PNEUMONIA), or null for the checkpoint's stored threshold"
+        )
+
+
 def _check_recipe_groups(cfg: DictConfig) -> None:
     """The threshold rule and the shift suite's settings, which would otherwise fail after training."""
     from pneumonia.metrics import operating_point  # noqa: F401  (registers the rules)
@@ -91,16 +105,7 @@ def _check_recipe_groups(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"shift_suite.perturbations: {unknown} unknown; choose from {list(PERTURBATIONS)}"
             )
-        threshold = suite.get("threshold")
-        if threshold is not None and (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, int | float)
-            or not 0 <= threshold <= 1
-        ):
-            raise ConfigError(
-                f"shift_suite.threshold={threshold!r} must be a probability in [0, 1], or null "
-                "for the checkpoint's stored threshold"
-            )
+        check_threshold_override("shift_suite.threshold", suite.get("threshold"))
         severities = suite.get("severities")
         if severities is not None and (
             not severities or any(s not in SEVERITIES for s in severities)

@@ -109,15 +109,20 @@ def evaluate_external_sets(
     return results
 
 
-def log_external_results(
-    loggers: Iterable[Logger], results: dict[str, dict[str, Any]], step: int
-) -> None:
-    """Log ``external/<name>/<metric>`` (and ``/ece``) at ``step`` to every logger."""
-    values = {
+def external_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``external/<name>/<metric>`` (and ``/ece``) of :func:`evaluate_external_sets`' results."""
+    return {
         f"external/{name}/{metric}": value
         for name, result in results.items()
         for metric, value in {**result["metrics"], "ece": result["ece"]}.items()
     }
+
+
+def log_external_results(
+    loggers: Iterable[Logger], results: dict[str, dict[str, Any]], step: int
+) -> None:
+    """Log :func:`external_scalars` at ``step`` to every logger."""
+    values = external_scalars(results)
     for logger in loggers:
         logger.log_metrics(values, step=step)
         logger.save()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,17 @@ from pneumonia.errors import CheckpointError, ConfigError
 from pneumonia.metrics import operating_point as _operating_point  # noqa: F401  (registers rules)
 from pneumonia.metrics.calibration import expected_calibration_error, fit_temperature
 from pneumonia.metrics.diagnostic import DiagnosticMetrics
+from pneumonia.metrics.evaluation import log_figure
 from pneumonia.model import registry
 from pneumonia.training import schedulers as _schedulers  # noqa: F401  (registers schedulers)
 
 # The study's threshold: its table is always reported at it, whatever rule a run uses.
 STUDY_THRESHOLD = 0.5
+# What a stored threshold and temperature may be (hyperparameters and checkpoint buffers alike).
+THRESHOLD_RANGE = (0.0, 1.0)
+TEMPERATURE_RANGE = (1e-3, 1e3)
+# The study's normalisation: the training pixels' mean and standard deviation.
+DEFAULT_NORMALIZATION = {"_target_": "pneumonia.model.normalization.DatasetStandardization"}
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +135,9 @@ class XrayClassifier(L.LightningModule):
                     f"{role}={node!r} must be a mapping with a {registry.TARGET}, or null"
                 )
         build_augmentation = registry.resolve("augmentation", augmentation or {})
-        build_normalization = registry.resolve("normalization", normalization or _DATASET_NORM)
+        build_normalization = registry.resolve(
+            "normalization", normalization or DEFAULT_NORMALIZATION
+        )
         if operating_point is not None:
             registry.build("operating_point", operating_point)  # checks its arguments
         if scheduler and scheduler.get("interval", "epoch") not in ("epoch", "step"):
@@ -213,7 +221,10 @@ class XrayClassifier(L.LightningModule):
             ):
                 if key not in state and isinstance(default, int | float):
                     state[key] = torch.tensor(float(default))
-            for key, low, high in (("decision_threshold", 0.0, 1.0), ("temperature", 1e-3, 1e3)):
+            for key, (low, high) in (
+                ("decision_threshold", THRESHOLD_RANGE),
+                ("temperature", TEMPERATURE_RANGE),
+            ):
                 value = state.get(key)
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     number = float(value)
@@ -535,27 +546,29 @@ class XrayClassifier(L.LightningModule):
     def _log_reliability_figure(
         self, stage: str, probabilities: torch.Tensor, targets: torch.Tensor
     ) -> None:
-        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-        if not tensorboards or not self.trainer.is_global_zero or len(targets) == 0:
-            return
         from pneumonia.metrics.calibration import reliability_diagram
 
-        figure = reliability_diagram(probabilities, targets, title=f"{stage} reliability")
-        for logger in tensorboards:
-            logger.experiment.add_figure(f"{stage}/reliability_diagram", figure, self.global_step)
+        self._add_figure(
+            f"{stage}/reliability_diagram",
+            lambda: reliability_diagram(probabilities, targets, title=f"{stage} reliability"),
+        )
 
     def _log_confusion_figure(self, stage: str, confusion: torch.Tensor) -> None:
-        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-        if not tensorboards or not self.trainer.is_global_zero:
-            return
         from pneumonia.metrics.figures import confusion_matrix_figure
 
-        figure = confusion_matrix_figure(
-            confusion.numpy(), CLASS_NAMES, f"{stage}, epoch {self.current_epoch}"
+        self._add_figure(
+            f"{stage}/confusion_matrix",
+            lambda: confusion_matrix_figure(
+                confusion.numpy(), CLASS_NAMES, f"{stage}, epoch {self.current_epoch}"
+            ),
         )
-        for logger in tensorboards:
-            # Global steps, like every other event, so a resumed run's purge_step covers figures too.
-            logger.experiment.add_figure(f"{stage}/confusion_matrix", figure, self.global_step)
+
+    def _add_figure(self, tag: str, make_figure: Callable[[], Any]) -> None:
+        """Draw a figure (only if a TensorBoard logger will take it) on rank zero and log it."""
+        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if tensorboards and self.trainer.is_global_zero:
+            # Global steps, like every other event, so a resumed run's purge_step covers figures.
+            log_figure(tensorboards, tag, make_figure(), self.global_step)
 
     # ----- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -589,9 +602,6 @@ def _without_interval(scheduler: Mapping[str, Any] | None) -> dict[str, Any] | N
     return {k: v for k, v in scheduler.items() if k != "interval"}
 
 
-_DATASET_NORM = {"_target_": "pneumonia.model.normalization.DatasetStandardization"}
-
-
 def _check_plain_hyperparameters(
     net,
     image_size,
@@ -622,9 +632,9 @@ def _check_plain_hyperparameters(
         )
     number("pixel_mean", pixel_mean, 0.0, 1.0)
     number("pixel_std", pixel_std, 1e-6, 1.0)
-    number("threshold", threshold, 0.0, 1.0)
+    number("threshold", threshold, *THRESHOLD_RANGE)
     number("label_smoothing", label_smoothing, 0.0, 0.4999)
-    number("temperature", temperature, 1e-3, 1e3)
+    number("temperature", temperature, *TEMPERATURE_RANGE)
     if class_weights is not None:
         if not isinstance(class_weights, list | tuple) or len(class_weights) != len(CLASS_NAMES):
             raise ValueError(f"class_weights={class_weights!r} must be one weight per class")

@@ -32,6 +32,7 @@ from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from pneumonia import CLASS_NAMES
+from pneumonia.config import check_threshold_override
 from pneumonia.data.image_io import load_grayscale
 from pneumonia.errors import ConfigError, NonFiniteOutputError
 from pneumonia.model.classifier import XrayClassifier
@@ -113,16 +114,7 @@ def check_predict_config(cfg: DictConfig) -> None:
             f"num_workers={workers!r} must be a whole number of at least 0 (0: decode in the main "
             f"thread) or null ({DEFAULT_WORKERS} threads at most)"
         )
-    threshold = cfg.get("threshold")
-    if threshold is not None and (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not 0.0 <= threshold <= 1.0  # False for NaN too
-    ):
-        raise ConfigError(
-            f"threshold={threshold!r} must be a probability in [0, 1] (P(PNEUMONIA) at or above it "
-            "is called PNEUMONIA), or null for the checkpoint's stored threshold"
-        )
+    check_threshold_override("threshold", cfg.get("threshold"))
     resolve_device(cfg.get("device"))
     output = cfg.get("output")
     if output is not None and Path(str(output)).expanduser().is_dir():

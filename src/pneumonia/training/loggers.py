@@ -67,12 +67,7 @@ class _ContinuingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = [row for row in reader if _step_of(row) <= self._keep_until_step]
-        partial = f"{self.metrics_file_path}.partial"
-        with open(partial, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(partial, self.metrics_file_path)
+        self._write_rows(header, rows)
         self.metrics_keys = header
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
@@ -81,6 +76,10 @@ class _ContinuingWriter(ExperimentWriter):
         # lost every earlier row. Written aside and renamed into place instead.
         with open(self.metrics_file_path, newline="") as f:
             rows = list(csv.DictReader(f))
+        self._write_rows(fieldnames, rows)
+
+    def _write_rows(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
+        """Replace ``metrics.csv`` with ``rows``: written aside, then renamed into place."""
         partial = f"{self.metrics_file_path}.partial"
         with open(partial, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import CheckpointError, SplitChangedError
+from pneumonia.model.classifier import DEFAULT_NORMALIZATION
 from pneumonia.training.checkpoints import read_checkpoint
 
 # How each split setting is called on the command line.
@@ -29,7 +30,7 @@ RECIPE_KEYS = (
 # Their values in checkpoints written before they existed (and what an empty group means).
 RECIPE_DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
-    "normalization": {"_target_": "pneumonia.model.normalization.DatasetStandardization"},
+    "normalization": DEFAULT_NORMALIZATION,
     "operating_point": {
         "_target_": "pneumonia.metrics.operating_point.FixedThreshold",
         "threshold": 0.5,

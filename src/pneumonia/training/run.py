@@ -22,6 +22,7 @@ from pneumonia.metrics.evaluation import (
     batch_predictor,
     evaluate_external_sets,
     external_metric_names,
+    external_scalars,
     log_external_results,
     log_figure,
 )
@@ -137,16 +138,17 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
     return score
 
 
+# Top-level config entries that XrayClassifier takes besides cfg.model (its argument names).
+MODEL_ARGUMENTS = (
+    "optimizer", "scheduler", "augmentation", "normalization", "operating_point", "label_smoothing",
+)  # fmt: skip
+
+
 def model_arguments(cfg: DictConfig) -> dict[str, Any]:
     """What the model is built with besides ``cfg.model``: optimiser, schedule and the recipe groups."""
-    return {
-        "optimizer": cfg.optimizer,
-        "scheduler": cfg.get("scheduler"),
-        "augmentation": cfg.get("augmentation"),
-        "normalization": cfg.get("normalization"),
-        "operating_point": cfg.get("operating_point"),
-        "label_smoothing": cfg.get("label_smoothing", 0.0),
-    }
+    arguments = {key: cfg.get(key) for key in MODEL_ARGUMENTS}
+    arguments["label_smoothing"] = cfg.get("label_smoothing", 0.0)
+    return arguments
 
 
 def _measures_outside_pool(cfg: DictConfig, datamodule: ChestXrayDataModule) -> bool:
@@ -177,13 +179,7 @@ def _measure_outside_pool(
         )
         log_external_results(loggers, results, step)
         extra["external"] = results
-        scalars.update(
-            {
-                f"external/{name}/{metric}": value
-                for name, result in results.items()
-                for metric, value in {**result["metrics"], "ece": result["ece"]}.items()
-            }
-        )
+        scalars.update(external_scalars(results))
     suite_cfg = cfg.get("shift_suite") or {}
     if suite_cfg.get("enabled"):
         from pneumonia.metrics.shift import run_shift_suite, shift_suite_figure
@@ -389,12 +385,7 @@ def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
         key: to_plain(cfg[key])
         for key in (
             "model",
-            "optimizer",
-            "scheduler",
-            "augmentation",
-            "normalization",
-            "operating_point",
-            "label_smoothing",
+            *MODEL_ARGUMENTS,
             "class_weighting",
             "data",
             "trainer",
