@@ -9,16 +9,22 @@ PNEUMONIA_DATA ?= ../shared/data/chest_xray
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data train predict shift test lint format bench clean
+.PHONY: help install data train sweep compare predict shift test lint format bench clean
+.DEFAULT_GOAL := help
+
+help: ## this list
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo '  (ARGS="..." passes Hydra overrides, e.g. make train ARGS="optimizer=sgd")'
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, from this machine's local wheels; the package's ranges then keep it.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# dev: pytest and ruff; sweep: Optuna and submitit, tested here too
+	$(BIN)/pip install --quiet -e '.[dev,sweep]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed ## the virtual environment (.venv) with the package and its test tools
 
 data/chest_xray:
 	@if [ -d "$(PNEUMONIA_DATA)" ]; then \
@@ -32,32 +38,41 @@ data/chest_xray:
 		exit 1; \
 	fi
 
-data: data/chest_xray
+data: data/chest_xray ## link data/chest_xray to PNEUMONIA_DATA (../shared/data/chest_xray)
 
-train: install data
+train: install data ## train the study's model (ARGS: overrides, e.g. experiment=robust_cnn)
 	$(BIN)/python train.py $(ARGS)
 
+# make sweep ARGS="hparams_search=study_grid hydra/launcher=joblib"
+sweep: install data ## a multirun sweep (ARGS: hparams_search=study_grid, -m key=a,b, ...)
+	$(BIN)/python train.py -m $(ARGS)
+
+DIR ?=
+compare: install ## rank the runs under DIR=<sweep or runs folder> in one table
+	@test -n "$(DIR)" || { echo 'usage: make compare DIR=outputs/multiruns/<time>'; exit 2; }
+	$(BIN)/python -m pneumonia.compare "$(DIR)" $(ARGS)
+
 # make predict ARGS="ckpt_path=outputs/runs/<run> images=<file or folder>"
-predict: install
+predict: install ## P(PNEUMONIA) of images (ARGS="ckpt_path=<run> images=<folder>")
 	$(BIN)/python predict.py $(ARGS)
 
 # make shift ARGS="ckpt_path=outputs/runs/<run>": the shift suite on a checkpoint's test split
-shift: install data
+shift: install data ## the shift suite on a checkpoint (ARGS="ckpt_path=<run>")
 	$(BIN)/python train.py --config-name shift $(ARGS)
 
-lint: install
+lint: install ## ruff check and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: install
+format: install ## ruff fix and format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint data
+test: lint data ## lint, then the whole test suite on the real data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install data
+bench: install data ## the speed benchmarks
 	$(BIN)/python benchmarks/study_benchmark.py $(ARGS)
 
-clean:
+clean: ## remove outputs, the image cache and tool caches
 	rm -rf outputs data/cache .pytest_cache .ruff_cache

@@ -10,18 +10,10 @@ Writes figures/, summary.png, attributions.npz and trust.json to outputs/explana
 import os
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
+# Lets conf/paths resolve outputs/ and data/ inside the project whatever the working directory.
 os.environ.setdefault("PNEUMONIA_ROOT", str(Path(__file__).resolve().parent))
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
-def main(cfg: DictConfig) -> None:
-    from pneumonia.explain.run import explain_checkpoint
-
-    explain_checkpoint(cfg)
-
+from pneumonia.cli import explain
 
 if __name__ == "__main__":
-    main()
+    explain()

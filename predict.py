@@ -11,18 +11,10 @@ Writes predictions.csv (path, p_pneumonia, decision, threshold[, label]) and unr
 import os
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
+# Lets conf/paths resolve outputs/ and data/ inside the project whatever the working directory.
 os.environ.setdefault("PNEUMONIA_ROOT", str(Path(__file__).resolve().parent))
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    from pneumonia.predict.run import predict_images
-
-    predict_images(cfg)
-
+from pneumonia.cli import predict
 
 if __name__ == "__main__":
-    main()
+    predict()

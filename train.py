@@ -6,25 +6,17 @@
     python train.py run_dir=outputs/runs/<run> ckpt_path=last          # resume in place
     python train.py --config-name eval ckpt_path=<ckpt> data.root=<folder>
 
-Everything is in the config tree under conf/; this file only composes it and hands it over.
+Everything is in the config tree under conf/; this file only composes it and hands it over
+(pneumonia.cli; the same command is installed as pneumonia-train).
 """
 
 import os
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 # Lets conf/paths resolve outputs/ and data/ inside the project whatever the working directory.
 os.environ.setdefault("PNEUMONIA_ROOT", str(Path(__file__).resolve().parent))
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    from pneumonia.training.run import run
-
-    return run(cfg)
-
+from pneumonia.cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

@@ -1,4 +1,5 @@
 import csv
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 
 from pneumonia.data.class_weights import balanced_class_weights
-from pneumonia.data.datamodule import ChestXrayDataModule, EmptySplitError
+from pneumonia.data.datamodule import ChestXrayDataModule, EmptySplitError, interleave_classes
 from pneumonia.data.image_io import load_grayscale
 from tests.conftest import make_subset
 
@@ -53,13 +54,16 @@ def test_batches_hold_the_pixels_and_labels_of_their_split(small_root, cache_dir
     rows = {split: np.flatnonzero(dm.splits == split) for split in ("train", "val", "test")}
     assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(120))
     assert len(rows["train"]) > 80 and len(rows["val"]) <= 16
-    # Validation is not shuffled: its one batch is the val images in order, decoded as uint8.
+    # Validation is not shuffled: its one batch is the val images in the dataset's order (its
+    # rows name the files), decoded as uint8.
+    order = dm.dataset("val").rows
+    assert sorted(order.tolist()) == rows["val"].tolist()
     images, labels = next(iter(dm.val_dataloader()))
-    expected = np.stack([load_grayscale(dm.images[i].path, 64) for i in rows["val"]])
+    expected = np.stack([load_grayscale(dm.images[i].path, 64) for i in order])
     assert images.dtype == torch.uint8 and images.shape == (len(rows["val"]), 1, 64, 64)
     np.testing.assert_array_equal(images[:, 0].numpy(), expected)
     assert labels.dtype == torch.float32
-    assert labels.tolist() == [float(dm.images[i].label) for i in rows["val"]]
+    assert labels.tolist() == [float(dm.images[i].label) for i in order]
     assert set(labels.tolist()) == {0.0, 1.0}
     # Training batches are full and come in a new order every epoch.
     first, second = (torch.cat([x for x, _ in dm.train_dataloader()]) for _ in range(2))
@@ -139,3 +143,73 @@ def test_an_external_set_is_every_image_of_its_folder(small_root, originals_root
     images, labels = datamodule.external_test_set("orig").split_arrays("test")
     assert images.shape == (40, 1, 64, 64) and images.dtype == torch.uint8
     assert sorted(labels.unique().tolist()) == [0.0, 1.0]
+
+
+def test_interleaving_spreads_each_class_evenly_and_keeps_its_order():
+    labels = np.array([0] * 5 + [1] * 12)  # grouped by class, as folders are scanned
+    order = interleave_classes(labels)
+    assert sorted(order.tolist()) == list(range(17))  # a permutation: nothing lost or repeated
+    for label in (0, 1):  # each class keeps its own order
+        members = order[labels[order] == label]
+        assert members.tolist() == sorted(members.tolist())
+    ordered = labels[order]
+    assert set(ordered[:2]) == {0, 1}
+    for end in range(1, 18):  # every prefix holds NORMAL in about its share, 5/17
+        assert abs(int((ordered[:end] == 0).sum()) - end * 5 / 17) <= 1
+    np.testing.assert_array_equal(interleave_classes(labels), order)  # deterministic
+    np.testing.assert_array_equal(interleave_classes(np.ones(4, dtype=int)), np.arange(4))
+    assert len(interleave_classes(np.array([], dtype=int))) == 0
+    one_normal = np.array([1] * 50 + [0])
+    assert one_normal[interleave_classes(one_normal)][0] == 0  # even a lone image comes first
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_the_first_evaluation_batches_hold_both_classes(small_root, cache_dir, split):
+    # debug=limit evaluates two batches: with the images grouped by class they were all NORMAL,
+    # so every metric was 0 and AUROC undefined.
+    dm = _datamodule(small_root, cache_dir, batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+    _, first_labels = next(iter(loader))
+    assert set(first_labels.tolist()) == {0.0, 1.0}
+    # The same images and labels as before, each once, each with its own file's label.
+    dataset = dm.dataset(split)
+    rows = np.flatnonzero(dm.splits == split)
+    assert sorted(dataset.rows.tolist()) == rows.tolist()
+    assert dataset.labels.tolist() == [float(dm.images[i].label) for i in dataset.rows]
+    pixels, labels = dm.split_arrays(split)
+    assert torch.equal(labels, dataset.labels)
+    for index in (0, len(dataset) - 1):  # split_arrays is in the dataset's order too
+        assert torch.equal(pixels[index], dataset[index][0])
+    # Training images stay in the order of the images (the loader shuffles them).
+    np.testing.assert_array_equal(dm.dataset("train").rows, np.flatnonzero(dm.splits == "train"))
+
+
+def test_ddp_evaluation_shards_hold_every_image_once(small_root, cache_dir):
+    # Lightning's DistributedSampler pads a shard by repeating images, which a confusion matrix
+    # would count twice; each rank here gets its own images and together they are the split.
+    shards = []
+    for rank in (0, 1):
+        dm = _datamodule(small_root, cache_dir, batch_size=4)
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0)
+        for split in ("val", "test"):
+            loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+            rows = dm.dataset(split).rows
+            assert len(rows) % 2 == 1  # an odd count: padding would repeat one image
+            shards.append((split, rank, [rows[i] for i in loader.sampler]))
+    for split in ("val", "test"):
+        first, second = (shard for name, _, shard in shards if name == split)
+        assert not set(first) & set(second)
+        assert sorted(first + second) == sorted(dm.dataset(split).rows.tolist())
+
+
+def test_ddp_with_more_processes_than_evaluation_images_is_a_clear_error(small_root, cache_dir):
+    dm = _datamodule(small_root, cache_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=64, global_rank=0, is_global_zero=True)
+    with pytest.raises(EmptySplitError, match=r"the val split .* fewer than the 64 processes"):
+        dm.val_dataloader()

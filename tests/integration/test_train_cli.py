@@ -115,6 +115,12 @@ def test_evaluate_a_checkpoint_on_another_folder(short_run, originals_root, cach
     assert "last" not in report["checkpoint"]  # a run folder means its best checkpoint
     assert "balanced_accuracy" in result.stdout
     assert len((out / "evaluated_images.csv").read_text().splitlines()) == 41
+    # Its status names what it measured, so a table of runs does not rank it as a validation score.
+    status = json.loads((out / "run_status.json").read_text())
+    assert (
+        status["status"] == "completed" and status["optimized_metric"] == "test/balanced_accuracy"
+    )
+    assert status["score"] == pytest.approx(report["metrics"]["balanced_accuracy"])
 
 
 def test_missing_data_root_is_a_clear_error(cache_dir, tmp_path):
@@ -159,9 +165,9 @@ def test_multirun_sweeps_optimizers(small_root, cache_dir, tmp_path):
         f"hydra.sweep.dir={sweep_dir}",
         cache_dir=cache_dir,
     )
-    for job in ("0", "1"):
+    for job in ("optimizer=adam", "optimizer=sgd_momentum"):
         assert (sweep_dir / job / "test_metrics.json").is_file()
-    overrides = (sweep_dir / "1" / ".hydra" / "overrides.yaml").read_text()
+    overrides = (sweep_dir / "optimizer=sgd_momentum" / ".hydra" / "overrides.yaml").read_text()
     assert "optimizer=sgd_momentum" in overrides
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import Metric
 
 from pneumonia.model.classifier import XrayClassifier
 
@@ -31,6 +32,14 @@ def _is_plain(value) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
+def _one_epoch_trainer(**settings) -> L.Trainer:
+    """One quiet epoch without loggers or checkpoints."""
+    return L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **settings,
+    )  # fmt: skip
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     module = XrayClassifier(
         net=NET,
@@ -40,13 +49,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
         pixel_mean=0.4,
         pixel_std=0.2,
     )
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _one_epoch_trainer()
     trainer.fit(module, train_dataloaders=_random_loader(), val_dataloaders=_random_loader())
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -428,3 +431,62 @@ def test_a_run_of_unknown_length_cannot_fill_in_total_steps():
                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     with pytest.raises(ValueError, match="total_steps=null needs a run of known length"):
         trainer.fit(module, _separable_loader())
+
+
+def test_every_epoch_value_is_logged_to_be_synchronised_across_ranks(monkeypatch):
+    # Under DDP Lightning warns about (and does not reduce) epoch-level tensors logged without
+    # sync_dist; this checks every logged value in one process, without starting DDP: a
+    # torchmetrics object (which synchronises itself) or a tensor logged with sync_dist.
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=BALANCED)
+    calls: dict[str, tuple] = {}
+    log = module.log
+
+    def recording_log(name, value, *args, **kwargs):
+        calls[name] = (value, kwargs)
+        return log(name, value, *args, **kwargs)
+
+    monkeypatch.setattr(module, "log", recording_log)
+    trainer = _fit(module, max_epochs=1)
+    trainer.test(module, dataloaders=_separable_loader(), verbose=False)
+    stages = {name.split("/")[0] for name in calls}
+    assert stages == {"train", "val", "test"}
+    assert {"val/balanced_accuracy", "val/threshold", "test/auroc", "test/ece"} <= set(calls)
+    unsynchronised = sorted(
+        name
+        for name, (value, kwargs) in calls.items()
+        if not isinstance(value, Metric) and not kwargs.get("sync_dist")
+    )
+    assert unsynchronised == []
+    # The losses are means over images, not over batches: 11 images in batches of 8 and 3.
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    uneven = DataLoader(_separable_loader(n=11).dataset, batch_size=8)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, dataloaders=uneven, verbose=False)
+    images, labels = uneven.dataset.tensors
+    module.eval()
+    with torch.no_grad():
+        expected = F.binary_cross_entropy_with_logits(module(images).float(), labels)
+    torch.testing.assert_close(trainer.callback_metrics["val/loss"], expected)
+
+
+def test_the_stored_operating_point_is_rank_zeros(monkeypatch):
+    # Every rank fits the same numbers on the gathered outputs; the broadcast from rank zero makes
+    # the buffers (and so every rank's decisions and checkpoints) identical by construction.
+    L.seed_everything(0)
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=BALANCED)
+    sent = []
+
+    def broadcast(obj, src=0):
+        if not isinstance(obj, tuple):
+            return obj  # Lightning's own broadcasts (e.g. of the log folder)
+        sent.append((obj, src))
+        return (0.25, 2.0)  # what rank zero fitted
+
+    trainer = _one_epoch_trainer(num_sanity_val_steps=0)
+    monkeypatch.setattr(trainer.strategy, "broadcast", broadcast)
+    trainer.fit(module, train_dataloaders=_separable_loader(), val_dataloaders=_separable_loader())
+    assert len(sent) == 1 and sent[0][1] == 0 and len(sent[0][0]) == 2
+    assert module.threshold == 0.25 and float(module.temperature) == 2.0
+    assert module.hparams.threshold == 0.25 and module.hparams.temperature == 2.0
+    assert float(trainer.callback_metrics["val/threshold"]) == 0.25
+    assert float(trainer.callback_metrics["val/temperature"]) == 2.0

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pneumonia.errors import TrainingDivergedError
-from pneumonia.training.callbacks import RunCheckpoint, StopOnDivergence
+from pneumonia.training.callbacks import BestEpochMetrics, RunCheckpoint, StopOnDivergence
 
 
 class _Scripted(L.LightningModule):
@@ -234,3 +234,62 @@ def test_a_forged_ranking_is_reset_not_believed(tmp_path, changes):
     # The ranking restarted: epoch 1's own score (0.4) is the best this resumed run has seen.
     assert callback.best_model_path == str(run_folder / "best-epoch=1.ckpt")
     assert float(callback.best_model_score) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "scores", "best_epoch"),
+    [("max", [0.5, 0.9, 0.7, 0.9], 1), ("min", [0.5, 0.2, 0.7, 0.2], 1), ("max", [0.3, 0.1], 0)],
+)
+def test_best_epoch_metrics_follow_the_checkpoints_monitor(tmp_path, mode, scores, best_epoch):
+    record = BestEpochMetrics(logged_metrics=("score",))
+    checkpoint = RunCheckpoint(
+        dirpath=tmp_path, monitor="val/score", mode=mode, save_top_k=1, save_last=True,
+        enable_version_counter=False,
+    )  # fmt: skip
+    _fit(_Scripted(scores), [record, checkpoint], epochs=len(scores))
+    # A tie is not an improvement, as ModelCheckpoint judges it.
+    assert record.best_epoch == best_epoch
+    assert record.best["val/score"] == pytest.approx(scores[best_epoch])
+    assert record.last["val/score"] == pytest.approx(scores[-1]) and record.epochs == len(scores)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["BestEpochMetrics"]
+    assert saved["best_epoch"] == best_epoch  # travels with the checkpoint for a resume
+
+
+def test_without_a_monitor_the_last_epoch_is_the_best():
+    record = BestEpochMetrics()
+    _fit(_Scripted([0.9, 0.2, 0.4]), [record], epochs=3)
+    assert record.best_epoch == 2 and record.best["val/score"] == pytest.approx(0.4)
+
+
+def test_best_epoch_metrics_are_logged_as_val_best_once_fitting_ends():
+    logged = []
+
+    class Logger(L.pytorch.loggers.Logger):
+        name, version = "spy", "0"
+
+        def log_metrics(self, metrics, step=None):
+            logged.append((dict(metrics), step))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    record = BestEpochMetrics(logged_metrics=("score", "absent"))
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[record], logger=Logger(), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1000,
+    )  # fmt: skip
+    trainer.fit(_Scripted([0.6, 0.8]), _loader(), _loader(2))
+    best = [(m, s) for m, s in logged if any(k.startswith("val_best/") for k in m)]
+    assert best == [({"val_best/score": pytest.approx(0.8)}, 8)]
+
+
+def test_a_restored_epoch_record_keeps_only_finite_numbers():
+    record = BestEpochMetrics()
+    record.load_state_dict(
+        {
+            "best": {"val/a": 0.5, "val/b": float("nan"), "val/c": "x"},
+            "last": [1],
+            "best_epoch": "3",
+        }
+    )
+    assert record.best == {"val/a": 0.5} and record.last == {} and record.best_epoch is None

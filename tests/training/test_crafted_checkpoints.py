@@ -9,6 +9,7 @@ folder if anything ran. Every entry point that reads checkpoints is tried.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import lightning as L
@@ -134,7 +135,12 @@ def test_evaluating_or_explaining_a_crafted_checkpoint_runs_nothing(
     with pytest.raises(CheckpointError, match=str(path)):
         task(cfg)
     assert not marker.exists()
-    assert not _files(Path(cfg.paths.output_dir))
+    output_dir = Path(cfg.paths.output_dir)
+    # Only the run's own record that it failed, naming the checkpoint it refused.
+    assert _files(output_dir) <= {output_dir / "run_status.json"}
+    if entry == "evaluate":
+        status = json.loads((output_dir / "run_status.json").read_text())
+        assert status["status"] == "failed" and status["error"].startswith("CheckpointError")
 
 
 def test_only_weights_only_loading_is_offered(honest_checkpoint, tmp_path):

@@ -70,3 +70,16 @@ def test_a_run_from_before_the_recipe_groups_resumes_with_their_defaults():
     strong = {"_target_": "pneumonia.model.augmentation.BatchAugmentation", "rotation": 5.0}
     with pytest.raises(CheckpointError, match="augmentation=None, but this run configures"):
         POINT.check_same_model({**new, "augmentation": strong})
+
+
+def test_logs_continue_after_the_last_step_the_checkpoint_holds(tmp_path):
+    told = []
+
+    class Logger:
+        def continue_after(self, step):
+            told.append(step)
+
+    # A checkpoint at global step 16 holds steps up to 15; the next batch logs at 16, which the
+    # interrupted process may have logged already.
+    ResumePoint(tmp_path / "last.ckpt", {}, 16, 2).continue_logs([Logger(), object()])
+    assert told == [15]

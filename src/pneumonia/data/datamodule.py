@@ -70,6 +70,27 @@ def _checked_external_tests(
     return checked
 
 
+def interleave_classes(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    """A stable order of ``labels``' indices that spreads every class evenly over the sequence.
+
+    The ``k``-th of a class's ``n`` items is placed at ``k / n`` of the way (ties: the lower class
+    first), so the first ``c`` items hold each of the ``c`` classes present, every prefix holds the
+    classes in about their overall proportions, and within a class the original order is kept.
+    Deterministic: the same labels always give the same order.
+
+    Evaluation sets are listed class by class (folders are scanned NORMAL first); unshuffled, a
+    run limited to a few validation or test batches (``debug=limit``) saw one class only, so its
+    every metric was 0 and its AUROC undefined. Metrics of a whole epoch do not depend on order.
+    """
+    labels = np.asarray(labels)
+    position = np.zeros(len(labels), dtype=np.float64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        position[members] = np.arange(len(members)) / len(members)
+    # lexsort: the last key is the primary one; it is stable, so a class keeps its own order.
+    return np.lexsort((labels, position))
+
+
 class ChestXrayDataModule(L.LightningDataModule):
     """Chest X-rays from any NORMAL/PNEUMONIA folder layout, pooled and split by patient.
 
@@ -90,6 +111,11 @@ class ChestXrayDataModule(L.LightningDataModule):
             needs both; evaluating a one-class folder does not).
         external_tests: name -> folder of X-rays from outside the training pool (any layout this
             module reads); every image of each is a test image (see :meth:`external_test_set`).
+
+    Validation and test images come in :func:`interleave_classes` order (training batches are
+    shuffled), so any first batches hold both classes when the split does. Under DDP each rank
+    evaluates its own share of them, every image exactly once (no padding by repetition), so the
+    gathered metrics equal one process's.
     """
 
     def __init__(
@@ -258,7 +284,10 @@ class ChestXrayDataModule(L.LightningDataModule):
         return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 1e-12)))
 
     def split_arrays(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image of a split at once: uint8 ``(N, 1, S, S)`` pixels and ``(N,)`` labels."""
+        """Every image of a split at once: uint8 ``(N, 1, S, S)`` pixels and ``(N,)`` labels.
+
+        In the order of :meth:`dataset` (whose ``rows`` name the files).
+        """
         dataset = self.dataset(split)
         pixels = torch.from_numpy(np.asarray(dataset.pixels[dataset.rows])).unsqueeze(1)
         return pixels, dataset.labels.clone()
@@ -287,13 +316,20 @@ class ChestXrayDataModule(L.LightningDataModule):
         return external
 
     def dataset(self, split: str) -> CachedXrayDataset:
-        """The dataset of one split (``"train"``, ``"val"`` or ``"test"``)."""
+        """The dataset of one split (``"train"``, ``"val"`` or ``"test"``).
+
+        Its ``rows`` (indices into :attr:`images`) map every item back to its file. Validation and
+        test items come in :func:`interleave_classes` order; training items in the order of
+        :attr:`images` (the loader shuffles them).
+        """
         if split not in self._datasets:
             assert self.cache is not None
             pixels_path = self.cache.pixels.filename
-            self._datasets[split] = CachedXrayDataset(
-                pixels_path, self._rows(split), self._labels(split)
-            )
+            rows, labels = self._rows(split), self._labels(split)
+            if split != "train":
+                order = interleave_classes(labels)
+                rows, labels = rows[order], labels[order]
+            self._datasets[split] = CachedXrayDataset(pixels_path, rows, labels)
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -301,8 +337,18 @@ class ChestXrayDataModule(L.LightningDataModule):
         sampler = None
         trainer = self.trainer
         if split != "train" and trainer is not None and trainer.world_size > 1:
+            if len(dataset) < trainer.world_size:
+                # A rank without images would skip the evaluation loop and leave the others
+                # waiting in the epoch's synchronisation.
+                raise EmptySplitError(
+                    f"the {split} split of {self.root} holds {len(dataset)} image(s), fewer than "
+                    f"the {trainer.world_size} processes evaluating it; use fewer devices or "
+                    "more images"
+                )
             # Lightning's default DistributedSampler pads evaluation sets by repeating images, which
-            # would count them twice in the confusion matrix; this one gives every image exactly once.
+            # would count them twice in the confusion matrix; this one gives every image exactly
+            # once (shards may differ by one image; torchmetrics gathers uneven shards). Being a
+            # DistributedSampler, Lightning keeps it instead of injecting its own.
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )

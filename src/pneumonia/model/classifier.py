@@ -11,6 +11,14 @@ The operating point travels with the weights: after every validation epoch a tem
 on the validation logits (Guo et al. 2017) and a decision threshold is chosen on the calibrated
 validation probabilities by the configured rule. Both are buffers, so the best checkpoint carries
 the ones fitted with its own weights, and test, eval, explain and predict use them.
+
+Under DDP every epoch-level value covers all ranks: the losses are torchmetrics means over every
+rank's images; the metrics come from torchmetrics states gathered across ranks, and the operating
+point and calibration errors from the gathered logits of the epoch (the operating point is then
+broadcast from rank zero, so every rank stores the same buffers). Those are the same on every rank
+and logged with ``sync_dist``. With the evaluation samplers of
+:class:`~pneumonia.data.datamodule.ChestXrayDataModule` (every image once) the values equal those
+of one process.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torchmetrics.aggregation import CatMetric
+from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from pneumonia import CLASS_NAMES
 from pneumonia.errors import CheckpointError, ConfigError
@@ -169,6 +177,14 @@ class XrayClassifier(L.LightningModule):
         # temperature, the threshold and the calibration error.
         self.epoch_logits = CatMetric(nan_strategy="disable")
         self.epoch_targets = CatMetric(nan_strategy="disable")
+        # Mean losses over every image of the epoch on all ranks: torchmetrics sums the states
+        # across ranks. (Lightning's mean of a logged tensor with sync_dist divides the summed
+        # image count by the number of ranks as an integer on gloo, so an odd count is off, and
+        # on a per-step value it adds a barrier and an all-reduce to every training step.)
+        # No NaN check: a check is a host sync per step, and a NaN loss must show, not vanish.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.test_report: dict[str, Any] | None = None
         self.test_outputs: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -432,6 +448,15 @@ class XrayClassifier(L.LightningModule):
         self.epoch_targets.update(targets.float())
         return loss
 
+    @staticmethod
+    def _per_image(loss: torch.Tensor, images: int) -> torch.Tensor:
+        """A batch's mean loss once per image, so a MeanMetric weighs batches by their size.
+
+        (MeanMetric drops its ``weight`` argument with ``nan_strategy="disable"``, torchmetrics
+        1.9; an expanded view costs no copy and no host-to-device transfer.)
+        """
+        return loss.detach().float().reshape(()).expand(images)
+
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
@@ -440,16 +465,15 @@ class XrayClassifier(L.LightningModule):
         # The training loss is class-weighted and smoothed (what is optimised).
         loss = self._loss(logits, targets, training=True)
         self.train_metrics.update(torch.sigmoid(logits.detach()), targets)
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets)
-        )
+        # train/loss_step: this rank's batch; train/loss_epoch: every image of the epoch, all ranks.
+        self.train_loss(self._per_image(loss, len(targets)))
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self._evaluation_step(batch, [self.val_metrics])
-        self.log(
-            "val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch[1]), sync_dist=True
-        )
+        self.val_loss.update(self._per_image(loss, len(batch[1])))
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
         # The threshold of the weights under test (loaded with the checkpoint), not the last epoch's.
@@ -459,7 +483,8 @@ class XrayClassifier(L.LightningModule):
         loss = self._evaluation_step(
             batch, [self.test_metrics, self.test_metrics_at_study_threshold]
         )
-        self.log("test/loss", loss, on_epoch=True, batch_size=len(batch[1]), sync_dist=True)
+        self.test_loss.update(self._per_image(loss, len(batch[1])))
+        self.log("test/loss", self.test_loss, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_metrics)
@@ -478,6 +503,11 @@ class XrayClassifier(L.LightningModule):
         if self.hparams.get("operating_point"):
             rule = registry.build("operating_point", self.hparams.operating_point)
             threshold = float(rule.choose(calibrated, targets))
+        # Every rank fitted the same numbers on the same gathered outputs; rank zero's are taken
+        # so that the stored operating point cannot differ between ranks by a rounding.
+        threshold, temperature = self.trainer.strategy.broadcast(
+            (float(threshold), float(temperature)), src=0
+        )
         self.set_operating_point(threshold, temperature)
         self.log_dict(
             {
@@ -485,7 +515,8 @@ class XrayClassifier(L.LightningModule):
                 "val/temperature": temperature,
                 "val/ece": expected_calibration_error(calibrated, targets),
                 "val/ece_uncalibrated": expected_calibration_error(uncalibrated, targets),
-            }
+            },
+            sync_dist=True,
         )
 
     def _epoch_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,7 +542,7 @@ class XrayClassifier(L.LightningModule):
         ece_uncalibrated = (
             expected_calibration_error(torch.sigmoid(logits), targets) if finite else math.nan
         )
-        self.log_dict({"test/ece": ece, "test/ece_uncalibrated": ece_uncalibrated})
+        self.log_dict({"test/ece": ece, "test/ece_uncalibrated": ece_uncalibrated}, sync_dist=True)
         rule = self.hparams.get("operating_point")
         self.test_report = {
             "metrics": {name: float(v) for name, v in values.items()},
@@ -535,8 +566,16 @@ class XrayClassifier(L.LightningModule):
         confusion = metrics.confusion_matrix().cpu()
         values = metrics.compute()
         headline = "balanced_accuracy"
-        self.log(f"{stage}/{headline}", values[headline].float(), prog_bar=stage == "val")
-        self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items() if k != headline})
+        # torchmetrics gathered the states of every rank, so the values are the same on each;
+        # sync_dist averages identical numbers (exact for 2 ranks) and keeps Lightning informed.
+        self.log(
+            f"{stage}/{headline}", values[headline].float(), prog_bar=stage == "val",
+            sync_dist=True,
+        )  # fmt: skip
+        self.log_dict(
+            {f"{stage}/{k}": v.float() for k, v in values.items() if k != headline},
+            sync_dist=True,
+        )
         if stage != "train" and not self.trainer.sanity_checking:
             self._log_confusion_figure(stage, confusion)
         if not keep:

@@ -1,4 +1,5 @@
-"""Callbacks that keep a run honest: checkpoints a resume can trust, and a stop when training diverges.
+"""Callbacks that keep a run honest: checkpoints a resume can trust, a stop when training diverges,
+and the validation metrics of the epoch whose weights are tested.
 
 - :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` with three guarantees it lacks in 2.6:
   ``last.ckpt`` is rewritten after every epoch (Lightning rewrites it only when the monitored
@@ -10,6 +11,10 @@
 - :class:`StopOnDivergence` stops the run with :class:`~pneumonia.errors.TrainingDivergedError`
   when the training loss becomes NaN or infinite, naming the epoch, step and loss, before a
   checkpoint of the broken weights is saved or a test reports metrics of them.
+- :class:`BestEpochMetrics` keeps every validation metric of the best epoch (by the checkpoint's
+  monitor; the last epoch when the final weights are tested) and of the last, and logs the best
+  as ``val_best/<metric>``: a sweep compares runs at the weights they test, not at their last
+  epoch.
 """
 
 from __future__ import annotations
@@ -218,6 +223,89 @@ class StopOnDivergence(Callback):
                 f"{trainer.global_step - 1}: the weights {broken} became NaN or infinite. "
                 f"{_WHAT_NOW}"
             )
+
+
+class BestEpochMetrics(Callback):
+    """Remember the validation metrics of the best and of the last epoch; log the best at the end.
+
+    The best epoch is the one the checkpoint callback keeps (``trainer.checkpoint_callback``'s
+    ``monitor`` and ``mode``, strictly better as it judges); without a monitor the last epoch is
+    the best, since the final weights are the ones tested. The record is part of every
+    checkpoint, so a resumed run keeps the epochs before the interruption.
+
+    Args:
+        logged_metrics: the names (without ``val/``) logged as ``val_best/<name>`` when fitting ends.
+    """
+
+    def __init__(self, logged_metrics: tuple[str, ...] = ()) -> None:
+        self.logged_metrics = tuple(logged_metrics)
+        self.monitor: str | None = None
+        self.mode = "max"
+        self.best: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.best_epoch: int | None = None
+        self.epochs = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint):
+            self.monitor, self.mode = checkpoint.monitor, checkpoint.mode
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        values = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith("val/") and _finite_number(value)
+        }
+        self.last = values
+        self.epochs = trainer.current_epoch + 1
+        if self._improves(values):
+            self.best, self.best_epoch = values, trainer.current_epoch
+
+    def _improves(self, values: dict[str, float]) -> bool:
+        if self.monitor is None or self.best_epoch is None:
+            return True
+        current, best = values.get(self.monitor), self.best.get(self.monitor)
+        if current is None:
+            return False
+        if best is None:
+            return True
+        return current > best if self.mode == "max" else current < best
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = {
+            f"val_best/{name}": self.best[f"val/{name}"]
+            for name in self.logged_metrics
+            if f"val/{name}" in self.best
+        }
+        if best and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(best, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": dict(self.best),
+            "last": dict(self.last),
+            "best_epoch": self.best_epoch,
+            "epochs": self.epochs,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = _float_dict(state_dict.get("best"))
+        self.last = _float_dict(state_dict.get("last"))
+        best_epoch = state_dict.get("best_epoch")
+        self.best_epoch = best_epoch if isinstance(best_epoch, int) else None
+        epochs = state_dict.get("epochs")
+        self.epochs = epochs if isinstance(epochs, int) else 0
+
+
+def _float_dict(value: Any) -> dict[str, float]:
+    """Only the finite numbers of a restored record: a checkpoint is not trusted to hold more."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if _finite_number(v)}
 
 
 def _finite_number(value: Any, allow_none: bool = False) -> bool:

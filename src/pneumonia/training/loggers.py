@@ -1,14 +1,19 @@
 """Loggers whose history survives a resume.
 
-Resuming a run in its own folder (``run_dir=<run> ckpt_path=last``) restarts at the checkpoint's
-global step ``G``, but the interrupted process may have logged beyond it. Lightning's loggers get
-this wrong in two ways, fixed here for a logger told :meth:`continue_after` ``(G)``:
+Resuming a run in its own folder (``run_dir=<run> ckpt_path=last``) restarts after the last step
+``S`` its checkpoint holds (``S = G - 1`` for a checkpoint at global step ``G``: the next batch
+logs at step ``G``), but the interrupted process may have logged beyond it. Lightning's loggers
+get this wrong in two ways, fixed here for a logger told :meth:`continue_after` ``(S)``:
 
 - ``CSVLogger`` deletes the earlier ``metrics.csv`` when it writes into an existing folder. Here
-  the rows up to step ``G`` are kept and the new rows follow them.
-- ``TensorBoardLogger`` appends a new event file, so steps after ``G`` show twice. Here the new
-  writer starts with TensorBoard's ``purge_step=G+1``, which makes readers drop the earlier
-  events from step ``G+1`` on.
+  the rows up to step ``S`` are kept and the new rows follow them.
+- ``TensorBoardLogger`` appends a new event file, so steps after ``S`` show twice. Here the new
+  writer starts with TensorBoard's ``purge_step=S+1``, which makes readers drop the earlier
+  events from step ``S+1`` on.
+
+And one more for ``ddp_spawn``: the test after fitting runs in fresh worker processes whose step
+is 0, and TensorBoard takes a step going back for a restart and hides the training curves after
+it. A logger given :attr:`ContinuingTensorBoardLogger.step_floor` never logs below it.
 """
 
 from __future__ import annotations
@@ -25,11 +30,23 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 class ContinuingTensorBoardLogger(TensorBoardLogger):
     """``TensorBoardLogger`` that can continue a run's event history without repeated steps."""
 
+    #: No metric is logged at a step below this (the fitted step, for a test after fitting).
+    step_floor: int = 0
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if step is not None:
+            step = max(int(step), self.step_floor)
+        super().log_metrics(metrics, step)
+
     def continue_after(self, step: int) -> None:
         """Drop events after global step ``step`` written by an interrupted process."""
         if self._experiment is not None:
             raise RuntimeError("continue_after() must be called before anything is logged")
         self._kwargs["purge_step"] = int(step) + 1
+
+    def keep_history(self) -> None:
+        """Writers created from now on append: ddp_spawn's test workers must not purge the fit."""
+        self._kwargs.pop("purge_step", None)
 
 
 class ContinuingCSVLogger(CSVLogger):

@@ -116,4 +116,6 @@ class ResumePoint:
         for logger in loggers:
             continue_after = getattr(logger, "continue_after", None)
             if callable(continue_after):
-                continue_after(self.global_step)
+                # The checkpoint holds everything logged up to step G-1 (its validation too); the
+                # first batch after it logs at step G, which a killed process may have logged.
+                continue_after(self.global_step - 1)

@@ -11,17 +11,19 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from omegaconf import DictConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, open_dict
 
 from pneumonia.config import check_train_config
+from pneumonia.console import tidy_lightning_console
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.discovery import looks_like_a_dataset
-from pneumonia.errors import CheckpointError, NothingTrainedError, SplitChangedError
+from pneumonia.errors import CheckpointError, ConfigError, NothingTrainedError, SplitChangedError
+from pneumonia.hydra_hooks import hydra_choices, is_sweep_job, job_identity, task_overrides
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import (
     batch_predictor,
     evaluate_external_sets,
-    external_metric_names,
     external_scalars,
     log_external_results,
     log_figure,
@@ -33,9 +35,24 @@ from pneumonia.metrics.report import (
     retire_test_report,
 )
 from pneumonia.model.classifier import XrayClassifier, to_plain
-from pneumonia.training.callbacks import StopOnDivergence
-from pneumonia.training.checkpoints import read_hyperparameters, recorded_score, resolve_checkpoint
+from pneumonia.training.callbacks import BestEpochMetrics, StopOnDivergence
+from pneumonia.training.checkpoints import (
+    LAST,
+    read_checkpoint,
+    read_hyperparameters,
+    recorded_score,
+    resolve_checkpoint,
+)
+from pneumonia.training.hparams_session import session_hparams, session_metric_names, write_session
+from pneumonia.training.loggers import ContinuingTensorBoardLogger
 from pneumonia.training.resume import ResumePoint, split_differences
+from pneumonia.training.status import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    RunStatus,
+    read_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +65,177 @@ def run(cfg: DictConfig) -> float | None:
     ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on the test split of ``cfg.data``
     (``conf/eval.yaml`` makes every image a test image); returns that test balanced accuracy.
 
+    The run folder's ``run_status.json`` says whether it is running, completed or failed (and why),
+    and TensorBoard's HPARAMS tab gets the run once it has ended. In a sweep, a job whose folder
+    records it completed is skipped, and one that was interrupted resumes from its ``last.ckpt``.
+
     Raises:
         ConfigError: the config contradicts itself (checked before anything runs).
         TrainingDivergedError: the training loss became NaN or infinite (no test is reported).
         NothingTrainedError: the fit took no training step (no test is reported).
         SplitChangedError, CheckpointError: a resume would change the run's split or model.
     """
-    check_train_config(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+    tidy_lightning_console()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("fit", True):
-        return _fit(cfg, output_dir)
-    return _evaluate(cfg, output_dir)
+    overrides = task_overrides()
+    if cfg.get("fit", True) and is_sweep_job():
+        finished = _finished_job(output_dir, overrides)
+        if finished is not None:
+            return finished.get("score")
+        cfg = _resume_if_interrupted(cfg, output_dir)
+    record = RunRecord(cfg, output_dir, overrides)
+    try:
+        check_train_config(cfg)
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)
+        score = (
+            _fit(cfg, output_dir, record)
+            if cfg.get("fit", True)
+            else _evaluate(cfg, output_dir, record)
+        )
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+        record.end(INTERRUPTED if interrupted else FAILED, error=error)
+        raise
+    record.end(COMPLETED, score=score)
+    return score
 
 
-def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
+def _finished_job(output_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The status of this sweep job if its folder records it completed (then it is skipped).
+
+    Raises:
+        ConfigError: the folder holds a job with other overrides (a sweep rerun into a folder of
+            another sweep, or two jobs that would share a folder).
+    """
+    earlier = read_status(output_dir)
+    if earlier is None:
+        return None
+    if job_identity(list(earlier.get("overrides") or [])) != job_identity(overrides):
+        raise ConfigError(
+            f"{output_dir} holds a run with other overrides ({earlier.get('overrides')}) than this "
+            f"job ({overrides}); rerun a sweep with its own command, or give it a new "
+            "hydra.sweep.dir (search parameters of hparams_search=optuna go in its "
+            "hydra.sweeper.params)"
+        )
+    if earlier.get("status") != COMPLETED:
+        return None
+    log.info(
+        "%s finished before (%s = %s): skipped; delete its run_status.json to run it again",
+        output_dir,
+        earlier.get("optimized_metric"),
+        earlier.get("score"),
+    )
+    return earlier
+
+
+def _resume_if_interrupted(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    """A sweep job rerun into its folder continues from its ``last.ckpt`` (or starts afresh)."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("ckpt_path") is not None or not last.is_file():
+        return cfg
+    log.info("%s was interrupted: resuming it from %s", output_dir, last)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.ckpt_path = LAST
+    return cfg
+
+
+class RunRecord:
+    """What a run leaves behind about itself: ``run_status.json`` and its TensorBoard session.
+
+    Only the process of global rank zero writes (``strategy=ddp`` starts this code once per rank).
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: Path, overrides: list[str]) -> None:
+        self.cfg = cfg
+        self.overrides = overrides
+        self.writes = rank_zero_only.rank == 0
+        self.fits = bool(cfg.get("fit", True))
+        self.status = (
+            RunStatus(output_dir, overrides, _reported_metric(cfg)) if self.writes else None
+        )
+        self.trainer: L.Trainer | None = None
+        self.loggers: list[Logger] = []
+        self.epochs: BestEpochMetrics | None = None
+        self.fitted_epochs: dict[str, Any] | None = None
+
+    def watch(self, trainer: L.Trainer, loggers: list[Logger], epochs: BestEpochMetrics | None):
+        self.trainer, self.loggers, self.epochs = trainer, loggers, epochs
+
+    def fit_ended(self) -> None:
+        """Keep the epoch record as the fit left it: testing a checkpoint restores its callbacks."""
+        if self.epochs is not None:
+            self.fitted_epochs = self.epochs.state_dict()
+
+    def end(self, status: str, score: float | None = None, error: BaseException | None = None):
+        if self.status is None:
+            return
+        try:
+            self.status.update(**self._progress())
+            self.status.end(status, score=score, error=error)
+            if self.fits:
+                hparams = session_hparams(self.cfg, hydra_choices(), self.overrides, status)
+            else:  # the model's settings are the checkpoint's, not this config's defaults
+                hparams = {
+                    "task": str(self.cfg.get("task_name")),
+                    "ckpt_path": str(self.cfg.get("ckpt_path")),
+                    "status": status,
+                }
+            metrics = session_metric_names(self.cfg)
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    write_session(logger.log_dir, hparams, metrics, status)
+        except Exception as problem:  # the run's own outcome matters more than its record
+            log.warning("could not record the run's status: %s", problem)
+            if error is None:
+                raise
+
+    def _progress(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        epochs = self.epochs
+        state = self.fitted_epochs or (epochs.state_dict() if epochs is not None else {})
+        if epochs is not None and not state.get("epochs"):
+            # ddp_spawn trains in workers: their record is in the last checkpoint.
+            state = _recorded_epoch_metrics(self.trainer) or state
+        return {
+            "epochs": state.get("epochs") or self.trainer.current_epoch,
+            "global_step": self.trainer.global_step,
+            "best_epoch": state.get("best_epoch"),
+            "best_val": state.get("best", {}),
+            "last_val": state.get("last", {}),
+        }
+
+
+def _reported_metric(cfg: DictConfig) -> str:
+    """What the run's score is: ``optimized_metric``, or for an evaluation what it measured."""
+    metric = str(cfg.get("optimized_metric") or "")
+    if cfg.get("fit", True) or metric.startswith(("external/", "shift/")):
+        return metric
+    return "test/balanced_accuracy"
+
+
+def _recorded_epoch_metrics(trainer: L.Trainer) -> dict[str, Any]:
+    checkpoint = trainer.checkpoint_callback
+    folder = getattr(checkpoint, "dirpath", None)
+    last = Path(folder) / "last.ckpt" if folder else None
+    if last is None or not last.is_file():
+        return {}
+    try:
+        callbacks = read_checkpoint(last).get("callbacks", {})
+    except CheckpointError:
+        return {}
+    state = callbacks.get(BestEpochMetrics.__qualname__) if isinstance(callbacks, dict) else None
+    if not isinstance(state, dict):
+        return {}
+    restored = BestEpochMetrics()
+    restored.load_state_dict(state)
+    return restored.state_dict()
+
+
+def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     resume = ResumePoint.read(ckpt_path) if ckpt_path is not None else None
     datamodule: ChestXrayDataModule = instantiate(cfg.data)
@@ -86,19 +257,28 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
     # A report from an earlier fit in this folder must not pass for this one's if it fails.
     retire_test_report(output_dir)
 
+    epochs = BestEpochMetrics(logged_metrics=(*METRIC_NAMES, "loss"))
     callbacks = [
         *_instantiate_all(cfg.get("callbacks"), Callback),
         StopOnDivergence(check_every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
+        epochs,
         TestReportWriter(output_dir),
     ]
     loggers = _instantiate_all(cfg.get("logger"), Logger)
     if resume is not None and resume.is_in(output_dir):
         resume.continue_logs(loggers)  # the run's first start logged its hyperparameters
     else:
+        if resume is None:
+            _drop_earlier_logs(loggers)
         _log_hyperparameters(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    record.watch(trainer, loggers, epochs)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    record.fit_ended()
+    for logger in loggers:
+        if isinstance(logger, ContinuingTensorBoardLogger):
+            logger.keep_history()
 
     checkpoint = trainer.checkpoint_callback
     if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
@@ -120,7 +300,13 @@ def _fit(cfg: DictConfig, output_dir: Path) -> float | None:
             weights = f"the final weights, after {trainer.current_epoch} epoch(s)"
         else:
             weights = f"the best checkpoint by {checkpoint.monitor}"
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        for logger in loggers:
+            if isinstance(logger, ContinuingTensorBoardLogger):
+                logger.step_floor = _fitted_step(trainer, checkpoint)
+        # verbose=False: the report's own table is printed below, once.
+        trainer.test(
+            module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False
+        )
         report = _print_report(trainer, output_dir, {"best_val_score": score, "weights": weights})
         if cfg.optimized_metric.startswith("test/"):
             name = cfg.optimized_metric.removeprefix("test/")
@@ -149,6 +335,17 @@ def model_arguments(cfg: DictConfig) -> dict[str, Any]:
     arguments = {key: cfg.get(key) for key in MODEL_ARGUMENTS}
     arguments["label_smoothing"] = cfg.get("label_smoothing", 0.0)
     return arguments
+
+
+def _fitted_step(trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> int:
+    """The global step fitting ended at (ddp_spawn's launching trainer only knows it from disk)."""
+    if trainer.global_step > 0 or checkpoint is None:
+        return trainer.global_step
+    last = Path(checkpoint.dirpath or "") / "last.ckpt"
+    try:
+        return ResumePoint.read(last).global_step if last.is_file() else 0
+    except CheckpointError:
+        return 0
 
 
 def _measures_outside_pool(cfg: DictConfig, datamodule: ChestXrayDataModule) -> bool:
@@ -257,7 +454,7 @@ def _best_score(
     return _as_float(trainer.callback_metrics.get(metric))
 
 
-def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
+def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir, prefer_best=True)
     if ckpt_path is None:
         raise CheckpointError(
@@ -285,7 +482,8 @@ def _evaluate(cfg: DictConfig, output_dir: Path) -> float | None:
     loggers = _instantiate_all(cfg.get("logger"), Logger)
     callbacks = [TestReportWriter(output_dir)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    trainer.test(module, datamodule=datamodule)
+    record.watch(trainer, loggers, None)
+    trainer.test(module, datamodule=datamodule, verbose=False)
     report = _print_report(
         trainer, output_dir, {"checkpoint": str(ckpt_path), "data_root": str(datamodule.root)}
     )
@@ -379,8 +577,24 @@ def _instantiate_all(group: DictConfig | None, kind: type) -> list:
     return objects
 
 
+def _drop_earlier_logs(loggers: list[Logger]) -> None:
+    """A run starting afresh in a used folder (a rerun sweep job) must not continue its curves."""
+    for logger in loggers:
+        continue_after = getattr(logger, "continue_after", None)
+        if (
+            callable(continue_after)
+            and Path(logger.log_dir).is_dir()
+            and any(Path(logger.log_dir).iterdir())
+        ):
+            continue_after(-1)
+
+
 def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
-    """Log the run's settings once, with the metrics TensorBoard's HPARAMS tab should compare."""
+    """Save the run's settings in each logger's hparams.yaml.
+
+    TensorBoard's HPARAMS session is written when the run ends (:mod:`hparams_session`), so no
+    metric gets a placeholder value here.
+    """
     params = {
         key: to_plain(cfg[key])
         for key in (
@@ -399,17 +613,8 @@ def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
         for k, v in params.get("data", {}).items()
         if k not in ("root", "cache_dir", "split_csv")
     }
-    placeholders = {f"{stage}/{name}": 0.0 for stage in ("val", "test") for name in METRIC_NAMES}
-    placeholders.update(
-        dict.fromkeys(external_metric_names(cfg.data.get("external_tests") or {}), 0.0)
-    )
-    if (cfg.get("shift_suite") or {}).get("enabled"):
-        placeholders["shift/robustness"] = 0.0
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=placeholders)
-        else:
-            logger.log_hyperparams(params)
+        logger.log_hyperparams(params)
 
 
 def _as_float(value: Any) -> float | None:

@@ -1,0 +1,135 @@
+"""An Optuna search that a stop does not lose: how many trials remain, and stale trials closed.
+
+Hydra's Optuna sweeper (``hparams_search=optuna``) keeps its study in a database and loads it
+again on a rerun, but its ``n_trials`` counts the trials of *this* invocation, and a trial killed
+mid-run stays ``RUNNING`` in the study for ever. Here:
+
+- :func:`remaining_trials` (the ``${pneumonia.optuna_remaining:...}`` resolver of the preset) makes
+  ``n_trials`` the number of trials the study still lacks to reach its total, so rerunning the
+  same command finishes a stopped search, and running it again after that does nothing;
+- :func:`sampler_seed` (``${pneumonia.optuna_seed:...}``) offsets the sampler's seed by the trials
+  the study already has: a seeded sampler starts afresh on every invocation, and would otherwise
+  propose the first run's points again;
+- :class:`PrepareOptunaStudy` (a Hydra callback) creates the database's folder and the sweep
+  folder, refuses to start while another search of the same study runs (a lock in the sweep
+  folder, held until the search's process ends), and marks trials left ``RUNNING`` by a killed
+  search as failed, so the sampler does not wait on them.
+
+Optuna is imported only when a search runs (it is in the ``sweep`` extra).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("pneumonia")
+SQLITE = "sqlite:///"
+LOCK_FILE = ".optuna.lock"
+# Open lock files by sweep folder, held for the life of the process (callbacks are pickled into
+# launcher workers, so the descriptor cannot live on the callback).
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def remaining_trials(storage: str | None, study_name: str, total: int) -> int:
+    """``total`` less the study's finished trials (complete or pruned); ``total`` for a new study."""
+    total = int(total)
+    if total < 0:
+        raise ValueError(f"the number of trials must be 0 or more, got {total}")
+    study = _load(storage, study_name)
+    if study is None:
+        return total
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    finished = len(study.get_trials(deepcopy=False, states=states))
+    return max(0, total - finished)
+
+
+def sampler_seed(storage: str | None, study_name: str, seed: int | None) -> int | None:
+    """``seed`` plus the number of trials the study holds (``None`` stays unseeded)."""
+    if seed is None:
+        return None
+    study = _load(storage, study_name)
+    return int(seed) + (len(study.get_trials(deepcopy=False)) if study is not None else 0)
+
+
+def _load(storage: str | None, study_name: str) -> Any:
+    """The study, or None when its database or the study does not exist yet."""
+    if not storage or not _database_exists(str(storage)):
+        return None
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=str(study_name), storage=str(storage))
+    except KeyError:
+        return None
+
+
+def _database_exists(storage: str) -> bool:
+    if storage.startswith(SQLITE):
+        return Path(storage[len(SQLITE) :]).is_file()
+    return True  # a database server: ask it
+
+
+class PrepareOptunaStudy(Callback):
+    """Before an Optuna search: its folders exist and no trial of a killed search stays running."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = config.hydra.sweeper
+        # The sweeper writes optimization_results.yaml there even when no trial remains.
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _lock(sweep_dir, str(sweeper.study_name))
+        storage = sweeper.get("storage")
+        if not storage:
+            return
+        storage = str(storage)
+        if storage.startswith(SQLITE):
+            Path(storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
+        study = _load(storage, sweeper.study_name)
+        if study is None:
+            return
+        import optuna
+
+        stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for trial in stale:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        if stale:
+            log.warning(
+                "marked %d trial(s) of study %r failed: a stopped search left them running (%s)",
+                len(stale),
+                str(sweeper.study_name),
+                ", ".join(str(t.number) for t in stale),
+            )
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        log.info(
+            "Optuna study %r in %s: %d trial(s) complete, %s to run",
+            str(sweeper.study_name),
+            storage,
+            done,
+            sweeper.n_trials,
+        )
+
+
+def _lock(sweep_dir: Path, study_name: str) -> None:
+    """Hold the study's lock until this process ends; refuse if another search holds it."""
+    path = sweep_dir / LOCK_FILE
+    if str(path) in _HELD_LOCKS:
+        return
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise RuntimeError(
+            f"another Optuna search of study {study_name!r} is running (it holds {path}); wait "
+            "for it, or give this search another hydra.sweeper.study_name"
+        ) from None
+    _HELD_LOCKS[str(path)] = descriptor

@@ -1,0 +1,112 @@
+"""``run_status.json``: whether a run finished, failed or is still running, and what it scored.
+
+Every run folder gets one as soon as the run starts (``running``), rewritten when it ends
+(``completed``, ``failed`` with the first line of its error, or ``interrupted``). Sweep summaries
+(:mod:`pneumonia.sweeps.summary`) rank runs by it, and a rerun of a sweep skips the jobs it marks
+``completed``. A run killed outright stays ``running``: nothing tells it from a live one.
+
+Fields: ``status``, ``error``, ``overrides`` (the run's Hydra task overrides),
+``optimized_metric``, ``mode`` (``max``/``min``), ``score``, ``started``, ``finished``,
+``wall_time_s``, ``epochs``, ``global_step``, ``best_epoch``, ``best_val`` and ``last_val``
+(validation metrics of the epoch of the tested weights and of the last epoch).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "run_status.json"
+RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
+
+
+def metric_mode(metric: str) -> str:
+    """``min`` for a loss or a calibration error, ``max`` for every other metric."""
+    name = metric.rsplit("/", 1)[-1]
+    return "min" if name in ("loss", "ece", "ece_uncalibrated") else "max"
+
+
+def error_line(error: BaseException) -> str:
+    """``<type>: <first line of the message>``, what a table of runs has room for."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+
+
+def read_status(folder: str | Path) -> dict[str, Any] | None:
+    """The run's status record, or None when it has none (or an unreadable one)."""
+    try:
+        record = json.loads((Path(folder) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class RunStatus:
+    """The status record of one run, written atomically at each change."""
+
+    def __init__(self, output_dir: str | Path, overrides: list[str], optimized_metric: str) -> None:
+        self.path = Path(output_dir) / STATUS_FILE
+        self._clock = time.monotonic()
+        self.record: dict[str, Any] = {
+            "status": RUNNING,
+            "error": None,
+            "overrides": list(overrides),
+            "optimized_metric": optimized_metric,
+            "mode": metric_mode(optimized_metric),
+            "score": None,
+            "started": _now(),
+            "finished": None,
+            "wall_time_s": None,
+            "epochs": None,
+            "global_step": None,
+            "best_epoch": None,
+            "best_val": {},
+            "last_val": {},
+        }
+        self._write()
+
+    def update(self, **fields: Any) -> None:
+        """Record progress (epochs, validation metrics) without ending the run."""
+        self.record.update({k: _plain(v) for k, v in fields.items()})
+        self._write()
+
+    def end(self, status: str, score: float | None = None, error: BaseException | None = None):
+        """Mark the run ``completed``, ``failed`` or ``interrupted``, with its wall time."""
+        self.record.update(
+            status=status,
+            score=_plain(score),
+            error=error_line(error) if error is not None else None,
+            finished=_now(),
+            wall_time_s=round(time.monotonic() - self._clock, 2),
+        )
+        self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.record, indent=2, allow_nan=False) + "\n")
+        os.replace(partial, self.path)
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: tensors and numpy numbers to floats, NaN and infinity to None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None

@@ -1,0 +1,56 @@
+"""An Optuna search's bookkeeping: trials still to run, the seed offset, one search per study."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from pneumonia.sweeps.optuna_study import (
+    LOCK_FILE,
+    PrepareOptunaStudy,
+    remaining_trials,
+    sampler_seed,
+)
+
+
+def _config(sweep_dir, storage=None):
+    return OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep_dir)},
+                   "sweeper": {"study_name": "s", "storage": storage, "n_trials": 3}}}
+    )  # fmt: skip
+
+
+def test_a_new_study_has_every_trial_to_run_and_the_plain_seed(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'none.db'}"
+    assert remaining_trials(storage, "s", 5) == 5 and sampler_seed(storage, "s", 42) == 42
+    assert sampler_seed(storage, "s", None) is None
+    with pytest.raises(ValueError, match="0 or more"):
+        remaining_trials(storage, "s", -1)
+
+
+def test_finished_trials_count_and_a_killed_one_is_closed(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.tell(study.ask(), 0.5)
+    study.ask()  # left RUNNING by a killed search
+    assert remaining_trials(storage, "s", 5) == 4 and sampler_seed(storage, "s", 42) == 44
+    PrepareOptunaStudy().on_multirun_start(_config(tmp_path / "sweep", storage))
+    states = [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states == ["COMPLETE", "FAIL"]
+
+
+def test_a_second_search_of_a_running_study_is_refused(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    held = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the other search's process holds it
+    try:
+        with pytest.raises(RuntimeError, match="another Optuna search of study 's'"):
+            PrepareOptunaStudy().on_multirun_start(_config(sweep_dir))
+    finally:
+        os.close(held)
+    PrepareOptunaStudy().on_multirun_start(_config(sweep_dir))  # free again
