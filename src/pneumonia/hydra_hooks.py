@@ -41,6 +41,11 @@ def record_dir(output_dir: str) -> str:
     return f"{RECORD_DIR}/rerun-{stamp}"
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: ``"+optimizer.lr=0.01"`` -> ``"optimizer.lr"``."""
+    return str(override).partition("=")[0].strip().lstrip("+~")
+
+
 # A folder name stays well below the 255 bytes file systems allow.
 MAX_JOB_DIRNAME = 120
 
@@ -61,7 +66,7 @@ def job_dirname(job_num: int | str, *, _root_: DictConfig) -> str:
     swept = _swept_keys(hydra_cfg)
     chosen = []
     for override in overrides:
-        key = override.partition("=")[0].lstrip("+~")
+        key = override_key(override)
         # A swept key names the job even if it is one that never names a job otherwise (data.root).
         if (key in swept) if swept is not None else (key not in excluded):
             chosen.append(override)
@@ -103,7 +108,7 @@ def job_identity(overrides: list[str]) -> list[str]:
     excluded: set[str] = set()
     if HydraConfig.initialized():
         excluded = set(HydraConfig.get().job.config.override_dirname.exclude_keys or ())
-    return sorted(o for o in overrides if o.partition("=")[0].lstrip("+~") not in excluded)
+    return sorted(o for o in overrides if override_key(o) not in excluded)
 
 
 def optuna_direction(metric: str) -> str:

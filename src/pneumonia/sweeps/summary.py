@@ -42,9 +42,11 @@ from typing import Any
 
 import yaml
 
+from pneumonia.hydra_hooks import override_key
+from pneumonia.training.status import COMPLETED, FAILED, RUNNING, STATUS_FILE, metric_mode
+
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "run_status.json"
 HYDRA_DIR = ".hydra"
 TEST_METRICS_FILE = "test_metrics.json"
 CSV_METRICS_FILE = Path("csv") / "metrics.csv"
@@ -52,8 +54,6 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 SEED_CSV = "summary_by_seed.csv"
 
-COMPLETED = "completed"
-FAILED = "failed"
 # A run killed outright never rewrites its "running" record: nothing tells it from a live one.
 RUNNING_OR_INTERRUPTED = "running or interrupted"
 UNKNOWN = "unknown"
@@ -98,12 +98,6 @@ class UnknownMetricError(ValueError):
             f"no run has the metric {metric!r}; available: {', '.join(self.available) or 'none'} "
             "(val/<name> also means val_best/<name>)"
         )
-
-
-def metric_mode(metric: str) -> str:
-    """``min`` for a loss or a calibration error, ``max`` for every other metric."""
-    name = metric.rsplit("/", 1)[-1]
-    return "min" if name in ("loss", "ece", "ece_uncalibrated") else "max"
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,10 +202,10 @@ def parse_override(text: str) -> tuple[str, str]:
     """``"+optimizer.lr=0.01"`` -> ``("optimizer.lr", "0.01")``: the key without ``+``/``++``/``~``,
     the value as written (``(deleted)`` for a ``~key`` deletion)."""
     text = str(text).strip()
-    key, _, value = text.partition("=")
+    value = text.partition("=")[2]
     if text.startswith("~"):
         value = "(deleted)"
-    return key.strip().lstrip("+~"), value.strip()
+    return override_key(text), value.strip()
 
 
 def parse_overrides(overrides: Iterable[Any]) -> dict[str, str]:
@@ -272,7 +266,7 @@ def read_run(folder: str | Path, root: str | Path | None = None) -> Run:
 
     status = record.get("status")
     if isinstance(status, str) and status:
-        run.status = RUNNING_OR_INTERRUPTED if status == "running" else status
+        run.status = RUNNING_OR_INTERRUPTED if status == RUNNING else status
     error = record.get("error")
     if isinstance(error, str) and error.strip():
         problems.insert(0, _first_line(error))

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pneumonia.hydra_hooks import override_key
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import external_metric_names
 from pneumonia.training.status import COMPLETED, FAILED
@@ -75,8 +76,8 @@ def session_hparams(
         if value is not None:
             params[key] = _value(value)
     for override in overrides:
-        key, sep, value = override.partition("=")
-        key = key.lstrip("+~")
+        _, sep, value = override.partition("=")
+        key = override_key(override)
         if (
             sep
             and key not in NOT_HYPERPARAMETERS

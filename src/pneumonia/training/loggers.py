@@ -20,11 +20,20 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+def continue_logs(loggers: Iterable[Any], after_step: int) -> None:
+    """Tell every logger that can continue a history to drop what was logged after ``after_step``."""
+    for logger in loggers:
+        continue_after = getattr(logger, "continue_after", None)
+        if callable(continue_after):
+            continue_after(after_step)
 
 
 class ContinuingTensorBoardLogger(TensorBoardLogger):

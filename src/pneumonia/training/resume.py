@@ -10,6 +10,7 @@ from typing import Any
 from pneumonia.errors import CheckpointError, SplitChangedError
 from pneumonia.model.classifier import DEFAULT_NORMALIZATION
 from pneumonia.training.checkpoints import read_checkpoint
+from pneumonia.training.loggers import continue_logs
 
 # How each split setting is called on the command line.
 SPLIT_SETTING_NAMES = {
@@ -113,9 +114,6 @@ class ResumePoint:
 
     def continue_logs(self, loggers: Iterable[Any]) -> None:
         """Tell loggers that can continue a history to drop what was logged after this point."""
-        for logger in loggers:
-            continue_after = getattr(logger, "continue_after", None)
-            if callable(continue_after):
-                # The checkpoint holds everything logged up to step G-1 (its validation too); the
-                # first batch after it logs at step G, which a killed process may have logged.
-                continue_after(self.global_step - 1)
+        # The checkpoint holds everything logged up to step G-1 (its validation too); the first
+        # batch after it logs at step G, which a killed process may have logged.
+        continue_logs(loggers, self.global_step - 1)

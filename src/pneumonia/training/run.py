@@ -15,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from pneumonia.config import check_train_config
-from pneumonia.console import tidy_lightning_console
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.discovery import looks_like_a_dataset
 from pneumonia.errors import CheckpointError, ConfigError, NothingTrainedError, SplitChangedError
@@ -44,7 +43,7 @@ from pneumonia.training.checkpoints import (
     resolve_checkpoint,
 )
 from pneumonia.training.hparams_session import session_hparams, session_metric_names, write_session
-from pneumonia.training.loggers import ContinuingTensorBoardLogger
+from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
 from pneumonia.training.resume import ResumePoint, split_differences
 from pneumonia.training.status import (
     COMPLETED,
@@ -75,7 +74,6 @@ def run(cfg: DictConfig) -> float | None:
         NothingTrainedError: the fit took no training step (no test is reported).
         SplitChangedError, CheckpointError: a resume would change the run's split or model.
     """
-    tidy_lightning_console()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = task_overrides()
@@ -217,16 +215,24 @@ def _reported_metric(cfg: DictConfig) -> str:
     return "test/balanced_accuracy"
 
 
-def _recorded_epoch_metrics(trainer: L.Trainer) -> dict[str, Any]:
-    checkpoint = trainer.checkpoint_callback
-    folder = getattr(checkpoint, "dirpath", None)
+def _last_checkpoint(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The fit's ``last.ckpt``, read safely; None when there is none.
+
+    ddp_spawn fits in workers: the launching trainer learns their step and callback states only
+    from it.
+    """
+    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
     last = Path(folder) / "last.ckpt" if folder else None
     if last is None or not last.is_file():
-        return {}
+        return None
     try:
-        callbacks = read_checkpoint(last).get("callbacks", {})
+        return read_checkpoint(last)
     except CheckpointError:
-        return {}
+        return None
+
+
+def _recorded_epoch_metrics(trainer: L.Trainer) -> dict[str, Any]:
+    callbacks = (_last_checkpoint(trainer) or {}).get("callbacks")
     state = callbacks.get(BestEpochMetrics.__qualname__) if isinstance(callbacks, dict) else None
     if not isinstance(state, dict):
         return {}
@@ -302,7 +308,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
             weights = f"the best checkpoint by {checkpoint.monitor}"
         for logger in loggers:
             if isinstance(logger, ContinuingTensorBoardLogger):
-                logger.step_floor = _fitted_step(trainer, checkpoint)
+                logger.step_floor = _fitted_step(trainer)
         # verbose=False: the report's own table is printed below, once.
         trainer.test(
             module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False
@@ -337,15 +343,11 @@ def model_arguments(cfg: DictConfig) -> dict[str, Any]:
     return arguments
 
 
-def _fitted_step(trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> int:
+def _fitted_step(trainer: L.Trainer) -> int:
     """The global step fitting ended at (ddp_spawn's launching trainer only knows it from disk)."""
-    if trainer.global_step > 0 or checkpoint is None:
+    if trainer.global_step > 0:
         return trainer.global_step
-    last = Path(checkpoint.dirpath or "") / "last.ckpt"
-    try:
-        return ResumePoint.read(last).global_step if last.is_file() else 0
-    except CheckpointError:
-        return 0
+    return int((_last_checkpoint(trainer) or {}).get("global_step", 0))
 
 
 def _measures_outside_pool(cfg: DictConfig, datamodule: ChestXrayDataModule) -> bool:
@@ -579,14 +581,8 @@ def _instantiate_all(group: DictConfig | None, kind: type) -> list:
 
 def _drop_earlier_logs(loggers: list[Logger]) -> None:
     """A run starting afresh in a used folder (a rerun sweep job) must not continue its curves."""
-    for logger in loggers:
-        continue_after = getattr(logger, "continue_after", None)
-        if (
-            callable(continue_after)
-            and Path(logger.log_dir).is_dir()
-            and any(Path(logger.log_dir).iterdir())
-        ):
-            continue_after(-1)
+    used = [lg for lg in loggers if Path(lg.log_dir).is_dir() and any(Path(lg.log_dir).iterdir())]
+    continue_logs(used, -1)
 
 
 def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
