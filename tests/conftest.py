@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+import pneumonia.hydra_hooks  # noqa: F401  (registers the ${pneumonia.*} resolvers, as train.py does)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 os.environ.setdefault("PNEUMONIA_ROOT", str(ROOT))

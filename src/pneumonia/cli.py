@@ -40,6 +40,7 @@ def _command(config_name: str, task: str) -> Any:
 
     The task is imported only once the config is composed, so ``--help`` answers at once.
     """
+    import pneumonia.hydra_hooks  # noqa: F401  (registers the ${pneumonia.*} resolvers)
 
     @hydra.main(version_base="1.3", config_path=_config_dir(), config_name=config_name)
     def main(cfg: DictConfig) -> Any:

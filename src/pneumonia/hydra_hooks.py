@@ -7,6 +7,8 @@ Hydra about itself (its overrides, its chosen options, whether it is a sweep job
 - ``${pneumonia.job_dirname:<job number>,<override dirname>}`` (``hydra.sweep.subdir``): a sweep
   job's folder is named by its overrides (``optimizer=sgd,optimizer.lr=0.01``), so TensorBoard
   shows each run by what it changed, and a rerun of the sweep finds each job's own folder again.
+- ``${pneumonia.cpu_precision:}`` (``trainer.precision`` of ``trainer=cpu``): bf16 autocast where
+  the CPU computes bf16 natively, else full precision (:mod:`pneumonia.training.precision`).
 - :class:`LogFailedJob`: a job that raised writes its traceback into its own task log, which is
   often all a sweep user reads (Hydra prints it only to the terminal).
 
@@ -121,6 +123,7 @@ def optuna_direction(metric: str) -> str:
 def register_resolvers() -> None:
     """Register the ``pneumonia.*`` resolvers the config tree uses, once."""
     from pneumonia.sweeps.optuna_study import remaining_trials, sampler_seed
+    from pneumonia.training.precision import cpu_precision
 
     if not OmegaConf.has_resolver("pneumonia.record_dir"):
         # Cached: Hydra reads hydra.output_subdir twice and must get one folder both times.
@@ -136,6 +139,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("pneumonia.optuna_seed", sampler_seed, use_cache=True)
     if not OmegaConf.has_resolver("pneumonia.optuna_direction"):
         OmegaConf.register_new_resolver("pneumonia.optuna_direction", optuna_direction)
+    if not OmegaConf.has_resolver("pneumonia.cpu_precision"):
+        OmegaConf.register_new_resolver("pneumonia.cpu_precision", cpu_precision, use_cache=True)
 
 
 register_resolvers()

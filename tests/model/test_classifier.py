@@ -490,3 +490,28 @@ def test_the_stored_operating_point_is_rank_zeros(monkeypatch):
     assert module.hparams.threshold == 0.25 and module.hparams.temperature == 2.0
     assert float(trainer.callback_metrics["val/threshold"]) == 0.25
     assert float(trainer.callback_metrics["val/temperature"]) == 2.0
+
+
+def test_evaluation_runs_in_full_precision_under_bf16_training():
+    """bf16 logits would tie images for AUROC and coarsen the fitted threshold and temperature."""
+    torch.manual_seed(0)
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32).eval()
+    images = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8)
+    targets = (torch.arange(16) % 2).float()
+    with torch.no_grad():
+        full = module(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert module(images).dtype == torch.bfloat16  # what autocast alone would give
+            module._evaluation_step((images, targets), [module.val_metrics])
+    logits = module.epoch_logits.compute()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, full)
+
+
+def test_bf16_mixed_training_on_the_cpu_fits_and_validates():
+    torch.manual_seed(0)
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    trainer = _one_epoch_trainer(precision="bf16-mixed", accelerator="cpu")
+    trainer.fit(module, _random_loader(), _random_loader())
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert all(p.dtype == torch.float32 for p in module.parameters())

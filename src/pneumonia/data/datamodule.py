@@ -19,6 +19,7 @@ from pneumonia import CLASS_NAMES
 from pneumonia.data.cache import CachedImages, build_or_load
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
+from pneumonia.data.device_batches import DeviceBatches
 from pneumonia.data.discovery import DataLayoutError, LabelledImage, scan_images
 from pneumonia.data.splits import GROUPINGS, SPLITS, assign_splits, check_fractions, write_split_csv
 
@@ -30,6 +31,10 @@ ClassWeighting = Callable[[np.ndarray], np.ndarray]
 class EmptySplitError(ValueError):
     """A split that a stage needs holds no image."""
 
+
+# Automatic device batches hold the whole cache on the GPU only when it takes at most this share of
+# the free memory: the rest is the network's.
+DEVICE_CACHE_SHARE = 0.25
 
 # A name becomes a TensorBoard tag, a report key and a file name: external/<name>/..., external_<name>.csv
 _EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -111,6 +116,10 @@ class ChestXrayDataModule(L.LightningDataModule):
             needs both; evaluating a one-class folder does not).
         external_tests: name -> folder of X-rays from outside the training pool (any layout this
             module reads); every image of each is a test image (see :meth:`external_test_set`).
+        batches_on_device: hold each split on the training device and index batches there
+            (:class:`~pneumonia.data.device_batches.DeviceBatches`) instead of a DataLoader.
+            ``None``: when training on one CUDA device and the cache takes at most a quarter of
+            its free memory; ``True`` also on the CPU; DDP always uses DataLoaders.
 
     Validation and test images come in :func:`interleave_classes` order (training batches are
     shuffled), so any first batches hold both classes when the split does. Under DDP each rank
@@ -134,6 +143,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         require_both_classes: bool = True,
         external_tests: Mapping[str, str | Path] | None = None,
+        batches_on_device: bool | None = None,
     ) -> None:
         super().__init__()
         if group_by not in GROUPINGS:
@@ -156,6 +166,11 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.require_both_classes = bool(require_both_classes)
         self.external_tests = _checked_external_tests(external_tests, self.root)
+        if batches_on_device is not None and not isinstance(batches_on_device, bool):
+            raise ValueError(
+                f"data.batches_on_device={batches_on_device!r} must be true, false or null (auto)"
+            )
+        self.batches_on_device = batches_on_device
 
         self.images: list[LabelledImage] = []
         # Entries that are not images at all (dangling links, FIFOs, ...): path -> why.
@@ -166,6 +181,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.pixel_mean: float | None = None
         self.pixel_std: float | None = None
         self._datasets: dict[str, CachedXrayDataset] = {}
+        self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare_data(self) -> None:
         """Decode and cache every image once (rank zero only under DDP).
@@ -332,7 +348,45 @@ class ChestXrayDataModule(L.LightningDataModule):
             self._datasets[split] = CachedXrayDataset(pixels_path, rows, labels)
         return self._datasets[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def batch_device(self) -> torch.device | None:
+        """The device that holds the splits for :class:`DeviceBatches`, or ``None`` (DataLoaders)."""
+        trainer = self.trainer
+        if self.batches_on_device is False or trainer is None:
+            return None
+        if trainer.world_size > 1:
+            if self.batches_on_device:
+                raise ValueError(
+                    f"data.batches_on_device=true needs one device, but the trainer runs "
+                    f"{trainer.world_size} processes; leave it null (DDP uses DataLoaders)"
+                )
+            return None
+        device = trainer.strategy.root_device
+        if self.batches_on_device is None:
+            if device.type != "cuda":
+                return None
+            assert self.cache is not None
+            free, _ = torch.cuda.mem_get_info(device)
+            if self.cache.pixels.nbytes > DEVICE_CACHE_SHARE * free:
+                log.info(
+                    "the image cache (%.0f MB) is large for %s's free memory; using DataLoaders",
+                    self.cache.pixels.nbytes / 2**20,
+                    device,
+                )
+                return None
+        return device
+
+    def _device_batches(self, split: str, device: torch.device, shuffle: bool) -> DeviceBatches:
+        if split not in self._device_splits:
+            pixels, labels = self.split_arrays(split)
+            self._device_splits[split] = (pixels.to(device), labels.to(device))
+            log.info("%s split held on %s (%d images)", split, device, len(labels))
+        pixels, labels = self._device_splits[split]
+        return DeviceBatches(pixels, labels, self.batch_size, shuffle=shuffle)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
+        device = self.batch_device()
+        if device is not None:
+            return self._device_batches(split, device, shuffle)
         dataset = self.dataset(split)
         sampler = None
         trainer = self.trainer
@@ -362,11 +416,11 @@ class ChestXrayDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("test", shuffle=False)

@@ -30,8 +30,9 @@ class AttributionMapsCallback(Callback):
     overlay, with label and predicted probability) to TensorBoard under ``explanations/<method>``
     and as ``<dirpath>/<stage>_epoch<NNN>.png``. It runs under ``trainer.fit`` (after validation),
     ``trainer.validate`` and ``trainer.test``; under DDP rank zero alone computes and writes.
-    The training loop only waits for the attribution; the grid is drawn and written by a background
-    thread, finished before the next grid and before fit/validate/test returns.
+    The training loop only computes the attribution (on a GPU it only queues it); a background
+    thread copies the maps to the host, draws and writes the grid, and is finished before the next
+    grid and before fit/validate/test returns.
 
     Args:
         dirpath: folder for the PNGs (``None``: only TensorBoard).
@@ -75,6 +76,7 @@ class AttributionMapsCallback(Callback):
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.images: torch.Tensor | None = None  # (N, 1, H, W) uint8
+        self._device_images: torch.Tensor | None = None  # the same, on the module's device
         self.images_split = "val"
         self.labels: list[int] = []
         self.seconds: list[float] = []  # paid by the training loop, per grid
@@ -143,8 +145,11 @@ class AttributionMapsCallback(Callback):
         if self.images is None:
             self._pick_images(trainer, stage)
         assert self.images is not None
+        if self._device_images is None or self._device_images.device != pl_module.device:
+            # Once, not per epoch: a copy from pageable memory synchronises the GPU.
+            self._device_images = self.images.to(pl_module.device)
         with torch.inference_mode(False):
-            images = self.images.to(pl_module.device)
+            images = self._device_images
             pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
             model = ClassScores(pl_module)
             size = self.settings.batch_size or len(pixels)
@@ -155,11 +160,17 @@ class AttributionMapsCallback(Callback):
             maps = torch.cat([m for m, _, _ in explained])
             probabilities = torch.cat([p for _, p, _ in explained])
         epoch = trainer.current_epoch
+        threshold = getattr(pl_module, "decision_threshold", None)
+        # Device tensors: the background thread copies them to the host, so on a GPU the training
+        # loop only queues the attribution and never waits for it (stream order keeps the maps
+        # those of this epoch's weights).
         job = {
-            "images": pixels[:, 0].float().cpu().numpy(),
-            "maps": maps[:, 0].float().cpu().numpy(),
-            "probabilities": probabilities.float().cpu().tolist(),
-            "threshold": decision_threshold(pl_module),
+            "images": pixels[:, 0].detach(),
+            "maps": maps[:, 0].detach(),
+            "probabilities": probabilities.detach(),
+            "threshold": threshold.detach().clone()
+            if isinstance(threshold, torch.Tensor)
+            else decision_threshold(pl_module),
             "stage": stage,
             "epoch": epoch,
             "step": trainer.global_step,
@@ -175,6 +186,10 @@ class AttributionMapsCallback(Callback):
 
     def _publish(self, job: dict) -> None:
         start = time.perf_counter()
+        job["images"] = job["images"].float().cpu().numpy()
+        job["maps"] = job["maps"].float().cpu().numpy()
+        job["probabilities"] = job["probabilities"].float().cpu().tolist()
+        job["threshold"] = float(job["threshold"])
         title = (
             f"{self.settings.method} ({self.settings.target} class) of {self.images_split} images, "
             f"{job['stage']}, epoch {job['epoch']}"
@@ -212,7 +227,7 @@ class AttributionMapsCallback(Callback):
     def __getstate__(self) -> dict:
         # ddp_spawn pickles callbacks; threads and closures do not pickle and are rebuilt lazily.
         state = self.__dict__.copy()
-        state.update(_writer=None, _pending=None, _attribute=None)
+        state.update(_writer=None, _pending=None, _attribute=None, _device_images=None)
         return state
 
     @property

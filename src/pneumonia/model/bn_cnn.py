@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pneumonia.model.dropout import ByteMaskDropout
 from pneumonia.model.registry import register_network
 
 
@@ -47,7 +48,7 @@ class BatchNormCNN(nn.Module):
             previous = width
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(previous, 1)
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), ByteMaskDropout(dropout), nn.Linear(previous, 1)
         )
 
     @property

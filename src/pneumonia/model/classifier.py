@@ -437,7 +437,10 @@ class XrayClassifier(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: list[DiagnosticMetrics]
     ) -> torch.Tensor:
         images, targets = batch
-        logits = self(images).float()
+        # Full precision even under bf16-mixed training: bf16 logits keep 8 bits of mantissa, which
+        # would tie images for AUROC and coarsen the threshold and the temperature fitted on them.
+        with torch.autocast(images.device.type, enabled=False):
+            logits = self(images).float()
         # Validation and test losses are the plain BCE of the uncalibrated logits, comparable
         # across weighting schemes and epochs.
         loss = self._loss(logits, targets, training=False)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
@@ -44,6 +44,7 @@ from pneumonia.training.checkpoints import (
 )
 from pneumonia.training.hparams_session import session_hparams, session_metric_names, write_session
 from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
+from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.resume import ResumePoint, split_differences
 from pneumonia.training.status import (
     COMPLETED,
@@ -270,6 +271,10 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         epochs,
         TestReportWriter(output_dir),
     ]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in callbacks
+    ):
+        callbacks.append(StepProgressBar())
     loggers = _instantiate_all(cfg.get("logger"), Logger)
     if resume is not None and resume.is_in(output_dir):
         resume.continue_logs(loggers)  # the run's first start logged its hyperparameters

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 9 (and issue 7's robust_resnet18 timing) in one call, for a lent
+# GPU machine with little time: each step has its own time limit and its figures land in $OUT.
+#
+#   OUT=outputs/benchmarks/gpu PNEUMONIA_DATA=/path/to/chest_xray bash benchmarks/gpu_benchmark.sh
+#
+# Steps: 1 Lightning against a plain loop; 2 each lever's share; 3 the study preset end to end
+# (start-up timed apart); 4 Guided Grad-CAM images/s; 5 robust_resnet18 end to end; 6 trials per
+# GPU, one after another against 4 at once; 7 the CUDA-only tests. STEPS="1 3" runs a subset.
+set -u
+OUT=${OUT:-outputs/benchmarks/gpu}
+STEPS=${STEPS:-1 2 3 4 5 6 7}
+mkdir -p "$OUT"
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+step() { echo; echo "== $* ($(date +%T))"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+
+if wants 1; then
+  step "1. LightningModule against a plain loop, same device-held batches, bf16"
+  timeout 150 python benchmarks/study_benchmark.py --trainer gpu --skip-training \
+    --batches 200 --repeats 3 --out "$OUT/throughput" 2>&1 | grep -v Warning | tail -8
+fi
+if wants 2; then
+  step "2. the levers: device batches, progress-bar refresh, bf16"
+  timeout 150 python benchmarks/speed_levers.py --device cuda --batches 300 --repeats 2 \
+    --out "$OUT" 2>&1 | tail -6
+fi
+if wants 3; then
+  step "3. the study preset end to end (python start-up and imports timed apart)"
+  /usr/bin/time -f "imports: %e s" python -c "import pneumonia.training.run, lightning, torch" 2>&1
+  /usr/bin/time -f "study preset end to end: %e s, peak RSS %M kB" timeout 150 \
+    python train.py experiment=study_unweighted trainer=gpu run_dir="$OUT/study" 2>&1 \
+    | grep -E "balanced_accuracy|auroc|end to end|Error" | tail -4
+fi
+if wants 4; then
+  step "4. Guided Grad-CAM images/s at 128 px"
+  timeout 90 python benchmarks/explain_benchmark.py --device cuda --images 2048 \
+    --batch-sizes 64,256,1024 --out "$OUT" 2>&1 | tail -8
+fi
+if wants 5; then
+  step "5. experiment=robust_resnet18 end to end (issue 7: <= 2 min)"
+  /usr/bin/time -f "robust_resnet18 end to end: %e s" timeout 240 \
+    python train.py experiment=robust_resnet18 trainer=gpu run_dir="$OUT/robust_resnet18" 2>&1 \
+    | grep -E "balanced_accuracy|auroc|end to end|Error" | tail -4
+fi
+if wants 6; then
+  step "6. trials per GPU: 6 study-grid trials one after another, then 4 at once"
+  timeout 300 python benchmarks/trials_per_device.py --trainer gpu --jobs 4 --epochs 5 \
+    --out "$OUT/trials" 2>&1 | tail -4
+fi
+if wants 7; then
+  step "7. the CUDA-only tests"
+  timeout 180 python -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py \
+    tests/model/test_dropout.py tests/data/test_device_batches.py tests/model/test_augmentation.py \
+    tests/model/test_normalization.py -k "cuda or gpu" 2>&1 | tail -4
+fi
