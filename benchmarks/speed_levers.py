@@ -6,7 +6,8 @@ variant switches one lever back to its old setting, so its rate against the defa
 lever's share:
 
 - CPU: bf16 autocast (``trainer.precision``), the byte-mask dropout (``nn.Dropout`` instead),
-  channels-last convolutions;
+  channels-last convolutions, Adam's fused step (the multi-tensor one instead), max-pooling
+  before the LeakyReLU (the study's order, activation first, instead);
 - GPU: device-held batches (a DataLoader with 4 workers and pinned memory instead), the progress
   bar's refresh rate (every step instead of every 50), bf16 autocast.
 
@@ -67,9 +68,15 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(datamodule, device: str, batches: int, precision: str, *, dropout=True,
-            channels_last=True, device_batches=True, refresh_rate=None) -> float:  # fmt: skip
+            channels_last=True, device_batches=True, refresh_rate=None, fused=True,
+            pool_first=True) -> float:  # fmt: skip
     L.seed_everything(0, verbose=False)
-    module = XrayClassifier(net=NET, optimizer=ADAM, channels_last=channels_last)
+    optimizer = ADAM if fused else {**ADAM, "foreach": True}
+    module = XrayClassifier(net=NET, optimizer=optimizer, channels_last=channels_last)
+    if not pool_first:  # the study's Conv -> LeakyReLU -> MaxPool (the same outputs)
+        features = module.net.features
+        for block in range(0, len(features), 4):
+            features[block + 1], features[block + 2] = features[block + 2], features[block + 1]
     if not dropout:  # the old dropout: torch's bernoulli masks
         for parent in module.net.modules():
             for name, child in parent.named_children():
@@ -118,7 +125,14 @@ def main() -> None:
             "fp32 (no bf16 autocast)": {"precision": "32-true"},
             "torch dropout masks": {"precision": default, "dropout": False},
             "no channels-last": {"precision": default, "channels_last": False},
-            "before issue 9 (fp32, torch dropout)": {"precision": "32-true", "dropout": False},
+            "multi-tensor Adam step": {"precision": default, "fused": False},
+            "activation before pooling": {"precision": default, "pool_first": False},
+            "before issue 9 (all five)": {
+                "precision": "32-true",
+                "dropout": False,
+                "fused": False,
+                "pool_first": False,
+            },
         }
     else:
         variants = {
@@ -143,7 +157,7 @@ def main() -> None:
     )
     for name, values in rates.items():
         value = statistics.median(values)
-        print(f"  {name:<38} {value:8.0f} img/s  ({value / base:5.2f}x the default)")
+        print(f"  {name:<56} {value:8.0f} img/s  ({value / base:5.2f}x the default)")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speed_levers.json").write_text(

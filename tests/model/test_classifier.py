@@ -515,3 +515,20 @@ def test_bf16_mixed_training_on_the_cpu_fits_and_validates():
     trainer.fit(module, _random_loader(), _random_loader())
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "fused"),
+    [
+        ({"_target_": "torch.optim.Adam", "lr": 1e-3}, True),
+        ({"_target_": "torch.optim.AdamW", "lr": 1e-3}, True),
+        ({"_target_": "torch.optim.Adam", "lr": 1e-3, "foreach": True}, None),
+        ({"_target_": "torch.optim.Adam", "lr": 1e-3, "fused": False}, False),
+        ({"_target_": "torch.optim.SGD", "lr": 1e-3}, None),
+    ],
+)
+def test_adam_steps_fused_unless_configured_and_the_hparams_keep_the_config(optimizer, fused):
+    module = XrayClassifier(net=NET, optimizer=optimizer, image_size=32)
+    built = module.configure_optimizers()
+    assert built.defaults.get("fused") == fused
+    assert dict(module.hparams.optimizer) == optimizer  # checkpoints record what was configured

@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from pneumonia.explain.methods import ClassScores, attribution_fn
 from pneumonia.model.study_cnn import StudyCNN
 
 
@@ -19,18 +22,46 @@ def test_one_logit_per_image_at_any_size(size):
     torch.testing.assert_close(logits, alone)
 
 
-def test_study_block_order():
+def _kinds(net):
+    kinds = (nn.Conv2d, nn.LeakyReLU, nn.MaxPool2d, nn.Dropout)
+    return [next(k.__name__ for k in kinds if isinstance(m, k)) for m in net.features]
+
+
+def test_block_order_pools_before_the_activation_unless_the_slope_is_negative():
     net = StudyCNN()
-    kinds = [
-        next(
-            k.__name__
-            for k in (nn.Conv2d, nn.LeakyReLU, nn.MaxPool2d, nn.Dropout)
-            if isinstance(m, k)
-        )
-        for m in net.features
-    ]
-    assert kinds == ["Conv2d", "LeakyReLU", "MaxPool2d", "Dropout"] * 3
+    assert _kinds(net) == ["Conv2d", "MaxPool2d", "LeakyReLU", "Dropout"] * 3
     assert net.last_conv is net.features[8]
+    assert (
+        _kinds(StudyCNN(negative_slope=-0.1)) == ["Conv2d", "LeakyReLU", "MaxPool2d", "Dropout"] * 3
+    )
+
+
+def _study_order(net: StudyCNN) -> StudyCNN:
+    """The same network and weights in the study's Conv -> LeakyReLU -> MaxPool order."""
+    study = copy.deepcopy(net)
+    for block in range(3):
+        f = study.features
+        f[4 * block + 1], f[4 * block + 2] = f[4 * block + 2], f[4 * block + 1]
+    return study
+
+
+def test_pooling_first_gives_the_study_orders_outputs_gradients_and_guided_maps():
+    torch.manual_seed(0)
+    net = StudyCNN(image_size=64, inplace=False).eval()
+    study = _study_order(net)
+    assert _kinds(study) == ["Conv2d", "LeakyReLU", "MaxPool2d", "Dropout"] * 3
+    x = torch.rand(4, 1, 64, 64)
+    inputs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outputs = [model(i) for model, i in zip((net, study), inputs, strict=True)]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for out in outputs:
+        out.sum().backward()
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad)
+    for a, b in zip(net.parameters(), study.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    scores = [ClassScores(m) for m in (net, study)]
+    maps = [attribution_fn("guided_gradcam")(s, x, torch.tensor([1, 0, 1, 0])) for s in scores]
+    torch.testing.assert_close(maps[0], maps[1])
 
 
 def test_every_setting_reaches_its_layers():

@@ -78,7 +78,7 @@ def test_attribution_is_deterministic_and_restores_train_mode_and_in_place():
     for a, b in zip(first, second, strict=True):
         assert_same_map(a, b)  # no dropout noise
     assert model.training and all(m.training for m in model.modules())
-    assert model.classifier.net.features[1].inplace is True
+    assert model.classifier.net.features[2].inplace is True  # the first LeakyReLU
 
 
 def test_works_inside_inference_mode_as_under_trainer_test():
