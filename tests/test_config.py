@@ -302,3 +302,23 @@ def test_data_root_follows_the_environment(compose_config, monkeypatch):
     assert compose_config().data.root == "/somewhere/chest_xray"
     monkeypatch.delenv("PNEUMONIA_DATA")
     assert Path(compose_config().data.root) == Path(CONF_DIR.parent, "data", "chest_xray")
+
+
+@pytest.mark.parametrize(("overrides", "jobs"), [([], 4), (["hydra.launcher.n_jobs=8"], 8)])
+def test_the_shared_device_launcher_runs_several_joblib_trials_at_once(overrides, jobs):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=["hydra/launcher=shared_device", *overrides],
+                return_hydra_config=True,
+            )
+    finally:
+        GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "JoblibLauncher"
+    assert launcher.n_jobs == jobs
