@@ -13,6 +13,13 @@ STEPS=${STEPS:-1 2 3 4 5 6 7}
 mkdir -p "$OUT"
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "== $* ($(date +%T))"; }
+# train.py end to end under a time limit: timed_run <label> <seconds> <overrides...>
+timed_run() {
+  local label=$1 limit=$2
+  shift 2
+  /usr/bin/time -f "$label end to end: %e s, peak RSS %M kB" timeout "$limit" \
+    python train.py trainer=gpu "$@" 2>&1 | grep -E "balanced_accuracy|auroc|end to end|Error" | tail -4
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
@@ -30,9 +37,7 @@ fi
 if wants 3; then
   step "3. the study preset end to end (python start-up and imports timed apart)"
   /usr/bin/time -f "imports: %e s" python -c "import pneumonia.training.run, lightning, torch" 2>&1
-  /usr/bin/time -f "study preset end to end: %e s, peak RSS %M kB" timeout 150 \
-    python train.py experiment=study_unweighted trainer=gpu run_dir="$OUT/study" 2>&1 \
-    | grep -E "balanced_accuracy|auroc|end to end|Error" | tail -4
+  timed_run "study preset" 150 experiment=study_unweighted run_dir="$OUT/study"
 fi
 if wants 4; then
   step "4. Guided Grad-CAM images/s at 128 px"
@@ -41,9 +46,7 @@ if wants 4; then
 fi
 if wants 5; then
   step "5. experiment=robust_resnet18 end to end (issue 7: <= 2 min)"
-  /usr/bin/time -f "robust_resnet18 end to end: %e s" timeout 240 \
-    python train.py experiment=robust_resnet18 trainer=gpu run_dir="$OUT/robust_resnet18" 2>&1 \
-    | grep -E "balanced_accuracy|auroc|end to end|Error" | tail -4
+  timed_run robust_resnet18 240 experiment=robust_resnet18 run_dir="$OUT/robust_resnet18"
 fi
 if wants 6; then
   step "6. trials per GPU: 6 study-grid trials one after another, then 4 at once"

@@ -56,13 +56,9 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         count = len(self.labels)
-        if self.shuffle:
-            # One small copy per pass; every batch is then indexed on the device without a sync.
-            order = torch.randperm(count).to(self.device, non_blocking=True)
-            for start in range(0, count, self.batch_size):
-                rows = order[start : start + self.batch_size]
-                yield self.pixels[rows], self.labels[rows]
-        else:
-            for start in range(0, count, self.batch_size):
-                end = start + self.batch_size
-                yield self.pixels[start:end], self.labels[start:end]
+        # One small copy per pass; every batch is then indexed on the device without a sync.
+        order = torch.randperm(count).to(self.device, non_blocking=True) if self.shuffle else None
+        for start in range(0, count, self.batch_size):
+            end = start + self.batch_size
+            rows = slice(start, end) if order is None else order[start:end]
+            yield self.pixels[rows], self.labels[rows]

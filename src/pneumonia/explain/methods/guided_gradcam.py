@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from captum.attr import GuidedGradCam
+from captum.attr import GuidedGradCam, LayerAttribution
 from torch import nn
 
 from pneumonia.explain.methods.common import find_layer
@@ -119,5 +119,6 @@ def guided_gradcam(
         cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
         switch.on = True
         (guided,) = torch.autograd.grad(selected, images)
-    cam = F.interpolate(cam, size=tuple(images.shape[2:]), mode=interpolate_mode)
+    # Upsampled as gradcam.py and Captum upsample it.
+    cam = LayerAttribution.interpolate(cam, tuple(images.shape[2:]), interpolate_mode)
     return guided * cam
