@@ -20,6 +20,19 @@ def test_an_image_size_mismatch_is_refused_naming_both_values(compose_config, ov
     assert override in str(raised.value) and "image_size=128," in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "size, message",
+    [(16, "image_size=16 is outside the supported sizes 32..1024"),
+     (5000, "image_size=5000 is outside"), ("abc", "image_size='abc' must be a whole number"),
+     (64.5, "image_size=64.5 must be a whole number")],
+)  # fmt: skip
+def test_an_image_size_outside_the_supported_range_is_refused_before_building(
+    compose_config, size, message
+):
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(compose_config(f"image_size={size}"))
+
+
 def test_one_image_size_for_everything_passes(compose_config):
     check_train_config(compose_config("image_size=64"))
 
@@ -63,12 +76,22 @@ def test_a_test_metric_needs_the_test(compose_config):
         (["trust.images=0"], "trust.images=0 must be"),
         (["trust.deletion_steps=0"], "trust.deletion_steps=0 must be"),
         (["device=cuda"], "device=cuda but this machine has no CUDA GPU"),
+        (["device=tpu"], "device='tpu' must be one of auto, cpu, cuda, cuda:<index>"),
+        (["ckpt_path=last"], "ckpt_path=last resumes training in train.py"),
+        (["ckpt_path=''"], "ckpt_path is required"),
+        (["ckpt_path=null"], "ckpt_path is required"),
     ],
 )
 def test_explain_settings_are_checked_before_attribution(compose_config, overrides, message):
     cfg = compose_config("ckpt_path=x.ckpt", *overrides, config_name="explain")
     with pytest.raises(ConfigError, match=message):
         check_explain_config(cfg, METHODS, SIGNS, ("predicted", "NORMAL", "PNEUMONIA"))
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "CPU"])
+def test_explain_takes_the_devices_predict_takes(compose_config, device):
+    cfg = compose_config("ckpt_path=x.ckpt", f"device={device}", config_name="explain")
+    check_explain_config(cfg, METHODS, SIGNS, ("predicted", "NORMAL", "PNEUMONIA"))
 
 
 def test_explain_py_refuses_a_figure_method_before_loading_anything(compose_config, tmp_path):

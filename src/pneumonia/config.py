@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from pneumonia import check_image_size
+from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError
 from pneumonia.explain.settings import (
     INTERPOLATE_MODES,  # noqa: F401  (importable from here as before)
@@ -22,6 +24,7 @@ from pneumonia.explain.settings import (
 )
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import external_metric_names
+from pneumonia.training.checkpoints import LAST
 
 OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
     f"{stage}/{name}" for stage in ("val", "test") for name in (*METRIC_NAMES, "loss")
@@ -41,7 +44,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """Refuse a train/eval config whose parts disagree.
 
     Raises:
-        ConfigError: image sizes of data and network differ; ``optimized_metric`` is not a metric
+        ConfigError: image sizes of data and network differ or leave 32..1024; ``optimized_metric`` is not a metric
             the run produces.
     """
     if cfg.get("fit", True):
@@ -56,6 +59,11 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"the data and the network disagree on the image size ({listed}); set the top-level "
                 "image_size=<side> to change them together"
             )
+        for key, value in sizes.items():
+            try:
+                check_image_size(value, key)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
     metric = cfg.get("optimized_metric")
     if metric is not None:
         produced = optimizable_metrics(cfg)
@@ -115,6 +123,15 @@ def _check_recipe_groups(cfg: DictConfig) -> None:
             )
 
 
+def check_ckpt_path(cfg: DictConfig) -> None:
+    """Refuse a missing ``ckpt_path``, or ``last`` (train.py's resume), in explain or predict."""
+    checkpoint = "ckpt_path=<file.ckpt> or ckpt_path=<a run folder> (its best checkpoint)"
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") in (None, ""):
+        raise ConfigError(f"ckpt_path is required; {checkpoint}")
+    if str(cfg.ckpt_path) == LAST:
+        raise ConfigError(f"ckpt_path=last resumes training in train.py; pass {checkpoint}")
+
+
 def check_explain_config(
     cfg: DictConfig, methods: Iterable[str], signs: Iterable[str], targets: Iterable[str]
 ) -> None:
@@ -123,6 +140,7 @@ def check_explain_config(
     Raises:
         ConfigError: naming the value and the choices.
     """
+    check_ckpt_path(cfg)
     methods, signs = tuple(methods), tuple(signs)
     chosen = list(cfg.methods or [])
     if not chosen:
@@ -147,12 +165,7 @@ def check_explain_config(
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a whole number of at least 1")
-    device = str(cfg.device)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device} but this machine has no CUDA GPU; use device=cpu")
+    resolve_device(cfg.device)
 
 
 def explain_targets() -> tuple[str, ...]:

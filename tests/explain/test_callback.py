@@ -128,3 +128,23 @@ def test_captions_show_the_modules_calibrated_probability_and_threshold(
         logits = module(callback.images.float() / 255)
     expected = module.probabilities_from_logits(logits)
     torch.testing.assert_close(torch.tensor([p for p, _ in shown]), expected)
+
+
+@pytest.mark.parametrize("layer", ["augmentation", "net.nothing"])
+def test_a_layer_grad_cam_cannot_use_is_refused_before_training(
+    small_root, cache_dir, tmp_path, layer
+):
+    from pneumonia.errors import ConfigError
+
+    datamodule, module, _, trainer = _setup(small_root, cache_dir, tmp_path, layer=layer)
+    with pytest.raises(ConfigError, match=f"callbacks.attribution_maps.layer: layer '{layer}'"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 0
+
+
+def test_methods_without_a_layer_ignore_it(small_root, cache_dir, tmp_path):
+    datamodule, module, _, trainer = _setup(
+        small_root, cache_dir, tmp_path, method="saliency", layer="augmentation"
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    assert (tmp_path / "maps" / "val_epoch000.png").is_file()

@@ -58,6 +58,10 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, ca
     assert killed_at is not None and killed_at < EPOCHS - 1
     assert not (run_dir / "test_metrics.json").exists()
     split_before = (run_dir / "split.csv").read_bytes()
+    killed = json.loads((run_dir / "run_status.json").read_text())
+    # Written after each validation, before the checkpoint: it shows how far the run got.
+    assert killed["status"] == "running" and killed["epochs"] >= killed_at + 1
+    assert killed["wall_time_s"] > 0
 
     result = train(*overrides, "ckpt_path=last", cache_dir=cache_dir)
 
@@ -68,6 +72,10 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, ca
     assert checkpoint["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert (run_dir / "split.csv").read_bytes() == split_before
     assert json.loads((run_dir / "test_metrics.json").read_text())["images"] > 0
+    status = json.loads((run_dir / "run_status.json").read_text())
+    assert status["status"] == "completed" and status["attempts"] == 2
+    assert status["started"] == killed["started"]
+    assert status["wall_time_s"] > killed["wall_time_s"]  # both attempts' time
 
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -12,6 +12,7 @@ from pneumonia.metrics.operating_point import (
     FixedThreshold,
     MaxBalancedAccuracy,
     TargetSensitivity,
+    _Candidates,
     choose_threshold,
 )
 from pneumonia.model import registry
@@ -66,22 +67,37 @@ def test_balanced_accuracy_ties_take_the_middle_of_the_widest_plateau():
 
 
 def test_ends_are_halfway_to_zero_and_one():
-    # Scores ranking the classes backwards: all PNEUMONIA (.15) and all NORMAL (.85) tie at
-    # balanced accuracy .5, above .5 in between; the lower of the two lone maxima is taken.
     p = np.array([0.3, 0.7])
-    y = np.array([1, 0])
-    assert MaxBalancedAccuracy().choose(p, y) == pytest.approx(0.15)
-    assert TargetSensitivity(1.0).choose(p, y) == pytest.approx(0.15)
+    assert _Candidates(p, np.array([0, 1])).thresholds.tolist() == pytest.approx([0.15, 0.5, 0.85])
+    # Scores ranking the classes backwards: sensitivity 1 only by calling everything PNEUMONIA.
+    assert TargetSensitivity(1.0).choose(p, np.array([1, 0])) == pytest.approx(0.15)
 
 
 def test_a_top_score_of_one_leaves_no_all_normal_threshold():
-    # P = N = 2. Candidates .15 (sens 1, spec 0) .4 (.5, 0) .75 (.5, .5); "all NORMAL" would need
-    # t > 1. Were it counted (as t = 1, which still calls the 1.0 scores PNEUMONIA), it would join
-    # .75 in a wider plateau and win; without it the lone maxima .15 and .75 tie, the lower wins.
-    p = np.array([0.3, 0.5, 1.0, 1.0])
-    y = np.array([1, 0, 1, 0])
-    assert MaxBalancedAccuracy().choose(p, y) == pytest.approx(0.15)
+    # "All NORMAL" would need t > 1; t = 1 would still call the 1.0 scores PNEUMONIA.
+    candidates = _Candidates(np.array([0.3, 0.5, 1.0, 1.0]), np.array([1, 0, 1, 0]))
+    assert candidates.thresholds.tolist() == pytest.approx([0.15, 0.4, 0.75])
+    assert candidates.tp.tolist() == [2, 1, 1] and candidates.tn.tolist() == [0, 0, 1]
     assert TargetSensitivity(0.5).choose(np.array([0.0, 1.0]), np.array([0, 1])) == 0.5
+
+
+@pytest.mark.parametrize(
+    "p, y",
+    [([0.3, 0.7], [1, 0]),  # backwards: only all-PNEUMONIA or all-NORMAL reach 0.5
+     ([0.3, 0.5, 1.0, 1.0], [1, 0, 1, 0]),  # no split beats chance
+     ([0.0, 0.0, 0.0, 0.0], [0, 1, 0, 1]),  # a network answering 0 for every image
+     ([0.7, 0.7, 0.7], [1, 0, 1])],
+)  # fmt: skip
+def test_scores_no_better_than_chance_keep_one_half_and_say_why(p, y, caplog):
+    p, y = np.array(p), np.array(y)
+    with caplog.at_level(logging.WARNING, logger=MODULE):
+        assert MaxBalancedAccuracy().choose(p, y) == 0.5
+    assert "using threshold 0.5" in caplog.records[0].getMessage()
+    threshold, description = choose_threshold({"_target_": f"{MODULE}.MaxBalancedAccuracy"}, p, y)
+    assert threshold == 0.5 and "fell back to 0.5" in description
+    if p.min() == p.max():
+        assert "ranks none above another" in description
+        assert TargetSensitivity(0.95).choose(p, y) == 0.5
 
 
 def test_target_sensitivity_by_hand():

@@ -363,6 +363,28 @@ def test_a_stored_operating_point_out_of_range_is_refused(tmp_path, key, value):
         XrayClassifier.load_from_checkpoint(path, map_location="cpu")
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [{"image_size": 4096}, {"net": {**NET, "hidden_features": 10**9}},
+     {"net": {**NET, "channels": [4, 8, 2**24]}}],
+)  # fmt: skip
+def test_a_checkpoint_asking_for_a_network_too_large_to_build_is_refused_before_allocating(
+    tmp_path, changes
+):
+    from pneumonia.errors import CheckpointError
+
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    path = tmp_path / "crafted.ckpt"
+    _fit(module, max_epochs=1).save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"].update(changes)
+    if "image_size" in changes:
+        checkpoint["hyper_parameters"]["net"]["image_size"] = changes["image_size"]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=f"{path} was refused: .*(image_size=4096|weights)"):
+        XrayClassifier.load_from_checkpoint(path, map_location="cpu")
+
+
 @pytest.mark.parametrize("node", ["per_image", 3, ["a"], {"eps": 0.1}])
 def test_a_recipe_node_that_is_not_a_target_mapping_is_refused(node):
     from pneumonia.model.registry import UnsafeConfigError

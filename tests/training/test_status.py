@@ -56,3 +56,33 @@ def test_metric_modes_and_error_lines():
     assert metric_mode("val/loss") == metric_mode("test/ece") == "min"
     assert metric_mode("external/x/auroc") == metric_mode("shift/robustness") == "max"
     assert error_line(KeyboardInterrupt()) == "KeyboardInterrupt"
+
+
+def test_updates_record_the_time_so_far_and_a_resume_in_place_adds_to_it(tmp_path):
+    first = RunStatus(tmp_path, [], "val/auroc")
+    first.update(epochs=1)
+    spent = read_status(tmp_path)["wall_time_s"]
+    assert spent is not None and spent >= 0  # a run killed now leaves this
+    started = read_status(tmp_path)["started"]
+    record = json.loads((tmp_path / STATUS_FILE).read_text())
+    record["wall_time_s"] = 100.0
+    (tmp_path / STATUS_FILE).write_text(json.dumps(record))
+
+    second = RunStatus(tmp_path, [], "val/auroc", continues=True)
+    second.end("completed", score=0.9)
+    record = read_status(tmp_path)
+    assert record["attempts"] == 2 and record["started"] == started
+    assert 100.0 <= record["wall_time_s"] < 160.0
+    RunStatus(tmp_path, [], "val/auroc", continues=True).end("completed")
+    assert read_status(tmp_path)["attempts"] == 3
+
+
+def test_a_new_run_in_a_used_folder_starts_its_own_clock(tmp_path):
+    RunStatus(tmp_path, [], "val/auroc").end("failed", error=ValueError("x"))
+    record = json.loads((tmp_path / STATUS_FILE).read_text())
+    record["wall_time_s"], record["started"] = 100.0, "2020-01-01T00:00:00"
+    (tmp_path / STATUS_FILE).write_text(json.dumps(record))
+    RunStatus(tmp_path, [], "val/auroc").end("completed")
+    record = read_status(tmp_path)
+    assert record["attempts"] == 1 and record["wall_time_s"] < 100.0
+    assert record["started"] != "2020-01-01T00:00:00"

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from pneumonia import CLASS_NAMES
+from pneumonia import CLASS_NAMES, check_image_size
 from pneumonia.data.cache import CachedImages, build_or_load
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
@@ -148,12 +148,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         super().__init__()
         if group_by not in GROUPINGS:
             raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
-        if int(image_size) < 32:
-            raise ValueError(
-                f"data.image_size={image_size} is below the smallest supported size, 32"
-            )
         self.root = Path(root).expanduser()
-        self.image_size = int(image_size)
+        self.image_size = check_image_size(image_size, "data.image_size")
         self.batch_size = int(batch_size)
         self.split_fractions = check_fractions(split_fractions)
         self.group_by = group_by

@@ -14,10 +14,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from pneumonia.explain.methods import ClassScores, decision_threshold, explain
+from pneumonia.errors import ConfigError
+from pneumonia.explain.methods import ClassScores, decision_threshold, explain, find_layer
 from pneumonia.explain.rendering.figures import describe
 from pneumonia.explain.rendering.raster import attribution_grid_image
-from pneumonia.explain.settings import AttributionSettings
+from pneumonia.explain.settings import LAYER_METHODS, AttributionSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,15 @@ class AttributionMapsCallback(Callback):
         self.background_seconds: list[float] = []  # drawing and writing, off the loop
 
     # ----- when ---------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A misnamed layer fails now, not after the first training epoch.
+        if self.settings.method not in LAYER_METHODS:
+            return
+        try:
+            find_layer(pl_module, self.settings.layer)
+        except ValueError as err:
+            raise ConfigError(f"callbacks.attribution_maps.layer: {err}") from err
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the module's own on_validation_epoch_end, which fits the temperature and threshold
         # of these weights: the captions show the operating point of the weights drawn.

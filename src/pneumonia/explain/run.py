@@ -17,6 +17,7 @@ from pneumonia import CLASS_NAMES
 from pneumonia.config import check_explain_config, explain_targets
 from pneumonia.data.discovery import looks_like_a_dataset
 from pneumonia.data.image_io import load_grayscale
+from pneumonia.devices import resolve_device
 from pneumonia.explain.inputs import ImageToExplain, collect_images
 from pneumonia.explain.methods import (
     METHODS,
@@ -82,7 +83,7 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, output_dir, prefer_best=True)
     module, hparams = load_model(ckpt_path, device)
     trained_size = int(hparams["image_size"])

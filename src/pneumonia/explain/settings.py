@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from pneumonia.explain.methods import AttributionFn
 
 METHODS: tuple[str, ...] = ("guided_gradcam", "gradcam", "guided_backprop", "saliency")
+LAYER_METHODS: tuple[str, ...] = ("guided_gradcam", "gradcam")
+"""The methods that weigh a layer's feature map (Grad-CAM's ``layer``); the others ignore it."""
 """The attribution methods, one module each in :mod:`pneumonia.explain.methods`."""
 
 TARGETS: tuple[str, ...] = ("predicted", *CLASS_NAMES)

@@ -58,11 +58,14 @@ def _checked(probabilities: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
     return p, y.astype(np.int64)
 
 
-def _fallback_reason(y: np.ndarray) -> str | None:
+def _fallback_reason(p: np.ndarray, y: np.ndarray) -> str | None:
     if y.size == 0:
         return "no validation data"
     if y.min() == y.max():
         return f"validation holds only {'PNEUMONIA' if y[0] else 'NORMAL'} images"
+    if p.min() == p.max():
+        # A threshold at or below that one value would call every image PNEUMONIA.
+        return f"every validation image has P(PNEUMONIA) = {p[0]:g}, which ranks none above another"
     return None
 
 
@@ -109,22 +112,29 @@ class _Candidates:
 class ThresholdRule:
     """A rule choosing the threshold; subclasses implement :meth:`choose` and :meth:`describe`."""
 
-    #: whether the threshold depends on the data (and so falls back to 0.5 on one class)
-    data_driven = True
-
     def choose(
         self, probabilities: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor
     ) -> float:
         """The threshold in [0, 1] for ``probabilities`` of PNEUMONIA with labels ``targets``."""
-        p, y = _checked(probabilities, targets)
-        reason = _fallback_reason(y)
+        threshold, reason = self.choose_explained(probabilities, targets)
         if reason is not None:
-            log.warning("%s: %s; using threshold %s", self.describe(), reason, FALLBACK_THRESHOLD)
-            return FALLBACK_THRESHOLD
-        candidates = _Candidates(p, y)
-        return float(candidates.thresholds[self._pick(candidates)])
+            log.warning("%s: %s; using threshold %s", self.describe(), reason, threshold)
+        return threshold
 
-    def _pick(self, candidates: _Candidates) -> int:
+    def choose_explained(
+        self, probabilities: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor
+    ) -> tuple[float, str | None]:
+        """``(threshold, reason)``: why the rule fell back to 0.5, or None when it did not."""
+        p, y = _checked(probabilities, targets)
+        reason = _fallback_reason(p, y)
+        candidates = None if reason else _Candidates(p, y)
+        chosen = None if candidates is None else self._pick(candidates)
+        if chosen is None:
+            return FALLBACK_THRESHOLD, reason or "no threshold does better than chance"
+        return float(candidates.thresholds[chosen]), None
+
+    def _pick(self, candidates: _Candidates) -> int | None:
+        """The chosen candidate's index, or None when the scores give the rule nothing to go on."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -142,16 +152,14 @@ class FixedThreshold(ThresholdRule):
         threshold: probability in [0, 1] at or above which a prediction is PNEUMONIA.
     """
 
-    data_driven = False
-
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = _check_fraction("threshold", threshold, low_open=False)
 
-    def choose(
+    def choose_explained(
         self, probabilities: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor
-    ) -> float:
+    ) -> tuple[float, str | None]:
         _checked(probabilities, targets)
-        return self.threshold
+        return self.threshold, None
 
     def describe(self) -> str:
         return f"fixed threshold {self.threshold:g}"
@@ -165,11 +173,15 @@ class MaxBalancedAccuracy(ThresholdRule):
     Youden-optimal threshold. Sensitivity + specificity is compared exactly, as the integer
     ``tp * negatives + tn * positives``. When several adjacent candidates tie (a plateau), the
     widest best plateau is taken (the lowest-threshold one among equally wide plateaus) and its
-    middle candidate is chosen (the lower, more sensitive, of two middles).
+    middle candidate is chosen (the lower, more sensitive, of two middles). When no threshold
+    beats chance (balanced accuracy 0.5: scores unrelated or inversely related to the labels),
+    the rule keeps the fallback 0.5 rather than a threshold that calls every image one class.
     """
 
-    def _pick(self, candidates: _Candidates) -> int:
+    def _pick(self, candidates: _Candidates) -> int | None:
         score = candidates.tp * candidates.negatives + candidates.tn * candidates.positives
+        if score.max() <= candidates.positives * candidates.negatives:
+            return None
         best = np.flatnonzero(score == score.max())
         runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
         widest = max(runs, key=len)  # max keeps the first of equally wide runs
@@ -191,7 +203,7 @@ class TargetSensitivity(ThresholdRule):
     def __init__(self, sensitivity: float = 0.95) -> None:
         self.sensitivity = _check_fraction("sensitivity", sensitivity, low_open=True)
 
-    def _pick(self, candidates: _Candidates) -> int:
+    def _pick(self, candidates: _Candidates) -> int | None:
         # Sensitivity falls as the threshold rises; candidate 0 calls everything PNEUMONIA (1.0).
         meets = candidates.tp / candidates.positives >= self.sensitivity
         return int(np.flatnonzero(meets)[-1])
@@ -215,17 +227,16 @@ def choose_threshold(
 
     Returns:
         ``(threshold, description)``; the description says when a data-driven rule fell back to
-        0.5 (empty data or one class).
+        0.5 (empty data, one class, equal scores, or no threshold better than chance).
 
     Raises:
         pneumonia.model.registry.UnsafeConfigError: the node names no registered rule.
         ValueError: invalid rule arguments or data.
     """
     rule = registry.build("operating_point", rule_node) if rule_node else FixedThreshold(0.5)
-    threshold = float(rule.choose(probabilities, targets))
+    threshold, reason = rule.choose_explained(probabilities, targets)
     description = rule.describe()
-    if rule.data_driven:
-        reason = _fallback_reason(_checked(probabilities, targets)[1])
-        if reason is not None:
-            description += f" (fell back to {FALLBACK_THRESHOLD}: {reason})"
-    return threshold, description
+    if reason is not None:
+        log.warning("%s: %s; using threshold %s", description, reason, threshold)
+        description += f" (fell back to {threshold}: {reason})"
+    return float(threshold), description

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pneumonia import MIN_IMAGE_SIZE
 from pneumonia.model.dropout import ByteMaskDropout
 from pneumonia.model.registry import register_network
-
-MIN_IMAGE_SIZE = 32
 
 
 @register_network
@@ -18,7 +17,7 @@ class StudyCNN(nn.Module):
     """Binary classifier returning one logit per image (sigmoid gives P(PNEUMONIA)).
 
     The flattened feature size is derived from ``image_size`` rather than hard-coded, so any square
-    size from 32 up works (the study was stuck at 128 px by a hard-coded one).
+    size from 32 to 1024 works (the study was stuck at 128 px by a hard-coded one).
 
     Each block computes Conv -> MaxPool -> LeakyReLU -> Dropout. LeakyReLU with a slope >= 0 never
     decreases, so pooling first gives the study's Conv -> LeakyReLU -> MaxPool outputs and

@@ -32,18 +32,18 @@ from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from pneumonia import CLASS_NAMES
-from pneumonia.config import check_threshold_override
+from pneumonia.config import check_ckpt_path, check_threshold_override
 from pneumonia.data.image_io import load_grayscale
+from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError, NonFiniteOutputError
 from pneumonia.model.classifier import XrayClassifier
 from pneumonia.predict.inputs import WHAT_TO_PASS, InputImage, collect_inputs
-from pneumonia.training.checkpoints import LAST, read_hyperparameters, resolve_checkpoint
+from pneumonia.training.checkpoints import read_hyperparameters, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "p_pneumonia", "decision", "threshold")
 UNREADABLE_COLUMNS = ("path", "reason")
-DEVICES = ("auto", "cpu", "cuda", "cuda:<index>")
 #: Decoding threads when ``num_workers`` is null (PIL releases the GIL while decoding and resizing).
 DEFAULT_WORKERS = 4
 
@@ -94,17 +94,9 @@ def check_predict_config(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming the key, its value and what it accepts.
     """
-    for key, what in (
-        ("ckpt_path", "ckpt_path=<file.ckpt> or ckpt_path=<a run folder> (its best checkpoint)"),
-        ("images", WHAT_TO_PASS),
-    ):
-        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
-            raise ConfigError(f"{key} is required; {what.removeprefix('pass ')}")
-    if str(cfg.ckpt_path) == LAST:
-        raise ConfigError(
-            "ckpt_path=last resumes training in train.py; pass ckpt_path=<file.ckpt> or "
-            "ckpt_path=<a run folder> (its best checkpoint)"
-        )
+    check_ckpt_path(cfg)
+    if OmegaConf.is_missing(cfg, "images") or cfg.get("images") in (None, ""):
+        raise ConfigError(f"images is required; {WHAT_TO_PASS.removeprefix('pass ')}")
     batch_size = cfg.get("batch_size")
     if not _is_int(batch_size) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a whole number of at least 1")
@@ -126,32 +118,6 @@ def check_predict_config(cfg: DictConfig) -> None:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def resolve_device(device: object) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; ``cpu``, ``cuda`` or ``cuda:<n>`` as named.
-
-    Raises:
-        ConfigError: an unknown device, or a CUDA device this machine does not have.
-    """
-    name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device={device} but this machine has no CUDA GPU; use device=cpu or device=auto"
-            )
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                f"numbered from 0"
-            )
-        return torch.device(name)
-    raise ConfigError(f"device={device!r} must be one of {', '.join(DEVICES)}")
 
 
 def format_threshold(threshold: float) -> str:

@@ -15,6 +15,8 @@ and the validation metrics of the epoch whose weights are tested.
   monitor; the last epoch when the final weights are tested) and of the last, and logs the best
   as ``val_best/<metric>``: a sweep compares runs at the weights they test, not at their last
   epoch.
+- :class:`StatusProgress` rewrites ``run_status.json`` after every validation epoch, so a killed
+  run still shows how far it got and the time it spent.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from pneumonia.errors import TrainingDivergedError
+from pneumonia.training.status import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +325,18 @@ _WHAT_NOW = (
     "(trainer.gradient_clip_val=1.0) or check the input data; resuming from last.ckpt repeats "
     "the epochs after the last good checkpoint"
 )
+
+
+class StatusProgress(Callback):
+    """Record epochs, step and wall time in the run's ``run_status.json`` after each validation."""
+
+    def __init__(self, status: RunStatus) -> None:
+        self.status = status
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        try:
+            self.status.update(epochs=trainer.current_epoch + 1, global_step=trainer.global_step)
+        except OSError as problem:  # the record is not worth stopping a run for
+            log.warning("could not update %s: %s", self.status.path, problem)

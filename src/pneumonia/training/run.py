@@ -34,7 +34,7 @@ from pneumonia.metrics.report import (
     retire_test_report,
 )
 from pneumonia.model.classifier import XrayClassifier, to_plain
-from pneumonia.training.callbacks import BestEpochMetrics, StopOnDivergence
+from pneumonia.training.callbacks import BestEpochMetrics, StatusProgress, StopOnDivergence
 from pneumonia.training.checkpoints import (
     LAST,
     read_checkpoint,
@@ -152,8 +152,11 @@ class RunRecord:
         self.overrides = overrides
         self.writes = rank_zero_only.rank == 0
         self.fits = bool(cfg.get("fit", True))
+        continues = self.fits and _resumes_in_place(cfg, output_dir)
         self.status = (
-            RunStatus(output_dir, overrides, _reported_metric(cfg)) if self.writes else None
+            RunStatus(output_dir, overrides, _reported_metric(cfg), continues=continues)
+            if self.writes
+            else None
         )
         self.trainer: L.Trainer | None = None
         self.loggers: list[Logger] = []
@@ -206,6 +209,17 @@ class RunRecord:
             "best_val": state.get("best", {}),
             "last_val": state.get("last", {}),
         }
+
+
+def _resumes_in_place(cfg: DictConfig, output_dir: Path) -> bool:
+    """Whether ``ckpt_path`` continues this run folder's own training (``last`` or a file in it)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None or str(ckpt_path) == "":
+        return False
+    if str(ckpt_path) == LAST:
+        return True
+    path, folder = Path(str(ckpt_path)).expanduser().resolve(), output_dir.resolve()
+    return path == folder or folder in path.parents
 
 
 def _reported_metric(cfg: DictConfig) -> str:
@@ -270,6 +284,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         StopOnDivergence(check_every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
         epochs,
         TestReportWriter(output_dir),
+        *([StatusProgress(record.status)] if record.status is not None else []),
     ]
     if cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in callbacks

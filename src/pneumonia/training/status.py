@@ -7,8 +7,12 @@ Every run folder gets one as soon as the run starts (``running``), rewritten whe
 
 Fields: ``status``, ``error``, ``overrides`` (the run's Hydra task overrides),
 ``optimized_metric``, ``mode`` (``max``/``min``), ``score``, ``started``, ``finished``,
-``wall_time_s``, ``epochs``, ``global_step``, ``best_epoch``, ``best_val`` and ``last_val``
-(validation metrics of the epoch of the tested weights and of the last epoch).
+``wall_time_s``, ``attempts``, ``epochs``, ``global_step``, ``best_epoch``, ``best_val`` and
+``last_val`` (validation metrics of the epoch of the tested weights and of the last epoch).
+
+``wall_time_s`` is rewritten at every update, so a killed run leaves the time it had spent up to its
+last epoch; a run resumed in its own folder adds its time to that, keeps the first ``started`` and
+counts ``attempts``.
 """
 
 from __future__ import annotations
@@ -49,9 +53,20 @@ def read_status(folder: str | Path) -> dict[str, Any] | None:
 class RunStatus:
     """The status record of one run, written atomically at each change."""
 
-    def __init__(self, output_dir: str | Path, overrides: list[str], optimized_metric: str) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        overrides: list[str],
+        optimized_metric: str,
+        continues: bool = False,
+    ) -> None:
+        """``continues``: the run resumes in ``output_dir``; its earlier attempts' time counts."""
         self.path = Path(output_dir) / STATUS_FILE
         self._clock = time.monotonic()
+        earlier = (read_status(output_dir) or {}) if continues else {}
+        spent = earlier.get("wall_time_s")
+        self._earlier_seconds = float(spent) if isinstance(spent, int | float) else 0.0
+        attempts = earlier.get("attempts")
         self.record: dict[str, Any] = {
             "status": RUNNING,
             "error": None,
@@ -59,9 +74,10 @@ class RunStatus:
             "optimized_metric": optimized_metric,
             "mode": metric_mode(optimized_metric),
             "score": None,
-            "started": _now(),
+            "started": earlier.get("started") or _now(),
             "finished": None,
             "wall_time_s": None,
+            "attempts": (attempts if isinstance(attempts, int) else 1) + 1 if earlier else 1,
             "epochs": None,
             "global_step": None,
             "best_epoch": None,
@@ -73,6 +89,7 @@ class RunStatus:
     def update(self, **fields: Any) -> None:
         """Record progress (epochs, validation metrics) without ending the run."""
         self.record.update({k: _plain(v) for k, v in fields.items()})
+        self.record["wall_time_s"] = self._wall_time()
         self._write()
 
     def end(self, status: str, score: float | None = None, error: BaseException | None = None):
@@ -82,9 +99,12 @@ class RunStatus:
             score=_plain(score),
             error=error_line(error) if error is not None else None,
             finished=_now(),
-            wall_time_s=round(time.monotonic() - self._clock, 2),
+            wall_time_s=self._wall_time(),
         )
         self._write()
+
+    def _wall_time(self) -> float:
+        return round(self._earlier_seconds + time.monotonic() - self._clock, 2)
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pneumonia.explain.methods.guided_gradcam import LeakyGuidedGradCam, guided_
 from pneumonia.model.classifier import XrayClassifier
 from tests.explain.methods.test_registry import assert_same_map
 
+TWO = torch.tensor([0, 1])
 NETWORKS = {
     "study_cnn": {"_target_": "pneumonia.model.study_cnn.StudyCNN"},
     "bn_cnn": {"_target_": "pneumonia.model.bn_cnn.BatchNormCNN", "channels": [8, 16, 16]},
@@ -91,3 +92,38 @@ def test_a_layer_the_score_does_not_depend_on_is_refused():
         parameter.requires_grad_(False)
     with attribution_mode(model), pytest.raises(ValueError, match="no gradient"):
         guided_gradcam(model, torch.rand(1, 1, 32, 32), torch.tensor([1]), None, "bilinear")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided_gradcam"])
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [("augmentation", "'augmentation' is not part of the network"),
+     ("normalization", "'normalization' is not part of the network"),
+     ("train_metrics", "'train_metrics' is not part of the network"),
+     ("net.classifier.0", r"'net.classifier.0' outputs \(2, 2048\), not a \(B, C, H, W\)"),
+     ("net", r"'net' outputs \(2,\), not a \(B, C, H, W\) feature map")],
+)  # fmt: skip
+def test_a_layer_grad_cam_cannot_weigh_is_refused_by_name(method, layer, message):
+    augmentation = {"_target_": "pneumonia.model.augmentation.BatchAugmentation"}
+    module = XrayClassifier(
+        net={**NETWORKS["study_cnn"], "image_size": 32}, optimizer={"_target_": "torch.optim.Adam"},
+        image_size=32, augmentation=augmentation,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        attribution_fn(method, layer=layer)(ClassScores(module), torch.rand(2, 1, 32, 32), TWO)
+
+
+class _SkipsABranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.unused = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided_gradcam"])
+def test_a_layer_the_forward_pass_skips_is_named(method):
+    with pytest.raises(ValueError, match="layer 'unused' was not called by the model's forward"):
+        attribution_fn(method, layer="unused")(_SkipsABranch(), torch.rand(2, 1, 8, 8), TWO)

@@ -67,25 +67,50 @@ def find_layer(model: nn.Module, name: str | None) -> nn.Module:
     ``gradcam_layer`` if it names one (ResNet-18: its last stage), else the last ``Conv2d``.
 
     Names are relative to the classifier, also when ``model`` is its :class:`ClassScores` wrapper.
+    On a classifier the layer must be inside its network ``net``: the augmentation does not run
+    when explaining, and the metrics are not layers.
+
+    Raises:
+        ValueError: no such module, or one outside the network, naming the convolutions to use.
     """
     model = unwrap(model)
-    preferred = getattr(getattr(model, "net", None), "gradcam_layer", None)
+    network = getattr(model, "net", None)
+    preferred = getattr(network, "gradcam_layer", None)
     if not name and isinstance(preferred, nn.Module):
         return preferred
     if name:
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         try:
-            return model.get_submodule(name)
+            layer = model.get_submodule(name)
         except AttributeError as err:
-            convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
             raise ValueError(
                 f"layer {name!r} is not in the model; convolutions are {convs}"
             ) from err
+        if isinstance(network, nn.Module) and not any(m is layer for m in network.modules()):
+            raise ValueError(
+                f"layer {name!r} is not part of the network (net); Grad-CAM needs one of its "
+                f"layers, e.g. a convolution: {convs}"
+            )
+        return layer
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(
             "the model has no Conv2d layer for Grad-CAM; name one with layer=<module path>"
         )
     return convs[-1]
+
+
+def check_feature_map(layer: str | None, output: object) -> None:
+    """Raise ValueError unless ``output`` is a ``(B, C, H, W)`` feature map that Grad-CAM can weigh.
+
+    A linear layer's ``(B, F)`` or the network's ``(B,)`` logit has no spatial map to upsample.
+    """
+    if not (isinstance(output, torch.Tensor) and output.dim() == 4):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(
+            f"layer {layer!r} outputs {shape}, not a (B, C, H, W) feature map; Grad-CAM needs a "
+            "convolutional layer, e.g. leave layer unset for the network's own"
+        )
 
 
 @contextmanager

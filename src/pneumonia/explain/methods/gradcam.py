@@ -6,7 +6,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from pneumonia.explain.methods.common import find_layer
+from pneumonia.explain.methods.common import check_feature_map, find_layer
 
 
 def gradcam(
@@ -21,7 +21,22 @@ def gradcam(
     Returns ``(B, 1, H, W)``, non-negative. ``model`` returns class scores ``(B, 2)``;
     ``layer`` is a module path for :func:`find_layer`.
     """
-    cam = LayerGradCam(model, find_layer(model, layer)).attribute(
-        images, target=targets, relu_attributions=True
-    )
+    target_layer = find_layer(model, layer)
+    called = []
+
+    def check(module: nn.Module, args: tuple, output: object) -> None:
+        check_feature_map(layer, output)
+        called.append(True)
+
+    handle = target_layer.register_forward_hook(check)
+    try:
+        cam = LayerGradCam(model, target_layer).attribute(
+            images, target=targets, relu_attributions=True
+        )
+    except AssertionError as err:  # Captum's when the layer never ran
+        if called:
+            raise
+        raise ValueError(f"layer {layer!r} was not called by the model's forward pass") from err
+    finally:
+        handle.remove()
     return LayerAttribution.interpolate(cam, tuple(images.shape[-2:]), interpolate_mode)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from captum.attr import GuidedGradCam, LayerAttribution
 from torch import nn
 
-from pneumonia.explain.methods.common import find_layer
+from pneumonia.explain.methods.common import check_feature_map, find_layer
 from pneumonia.explain.methods.guided_backprop import GUIDED_ACTIVATIONS, LeakyGuidedBackprop
 
 
@@ -107,6 +107,7 @@ def guided_gradcam(
         if not captured:
             raise ValueError(f"layer {layer!r} was not called by the model's forward pass")
         activation = captured[-1]
+        check_feature_map(layer, activation)
         if not activation.requires_grad:
             raise ValueError(
                 f"layer {layer!r} has no gradient (is it frozen or outside the network?); "
