@@ -121,6 +121,23 @@ def test_a_resume_that_would_change_the_split_is_refused(
     assert (run_dir / "split.csv").read_bytes() == split_before
 
 
+def test_a_resume_with_tampered_optimizer_state_is_refused_before_training(
+    short_run, small_root, cache_dir, tmp_path
+):
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] = 0.5
+    torch.save(checkpoint, last)
+    result = train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
+        f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"{last}'s optimizer state has weight_decay=0.5" in result.stderr
+    assert torch.load(last, weights_only=True)["epoch"] == checkpoint["epoch"]  # not trained on
+
+
 def test_a_resume_on_another_file_list_is_refused(short_run, small_root, cache_dir, tmp_path):
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     root = shutil.copytree(small_root, tmp_path / "root", symlinks=True)

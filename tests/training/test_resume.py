@@ -83,3 +83,64 @@ def test_logs_continue_after_the_last_step_the_checkpoint_holds(tmp_path):
     # interrupted process may have logged already.
     ResumePoint(tmp_path / "last.ckpt", {}, 16, 2).continue_logs([Logger(), object()])
     assert told == [15]
+
+
+def _optimizer_point(tmp_path, tamper=None, **adam):
+    """A resume point with the state of Adam after one step on a tiny model, optionally tampered."""
+    import torch
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(1)
+    )
+    model(torch.rand(2, 1, 5, 5)).sum().backward()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, **adam)
+    optimizer.step()
+    states = [optimizer.state_dict()]
+    if tamper is not None:
+        tamper(states[0])
+    point = ResumePoint(tmp_path / "last.ckpt", SAVED, 1, 0, optimizer_states=states)
+    config = {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-4, **adam}
+    return point, list(model.parameters()), config
+
+
+def test_the_optimizer_state_of_the_same_model_and_settings_resumes(tmp_path):
+    point, parameters, config = _optimizer_point(tmp_path, betas=[0.9, 0.99])
+    point.check_optimizer_state(parameters, config, scheduled=False)
+
+
+def _set(path, value):
+    def tamper(state):
+        *keys, last = path
+        node = state
+        for key in keys:
+            node = node[key]
+        node[last] = value(node[last]) if callable(value) else value
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [(_set(["state", 0, "exp_avg"], lambda t: t[:1]), r"exp_avg of shape \(1, 1, 3, 3\) for parameter 0 of shape \(2, 1, 3, 3\)"),
+     (_set(["state", 1, "exp_avg_sq"], lambda t: t * float("nan")), "NaN or infinite exp_avg_sq for parameter 1"),
+     (_set(["param_groups", 0, "params"], [0, 1, 2]), "covers 3 parameters, but the model has 4"),
+     (_set(["param_groups", 0, "weight_decay"], 0.5), r"weight_decay=0.5, but the run configures optimizer.weight_decay=0.0001"),
+     (_set(["param_groups", 0, "lr"], 10.0), r"lr=10.0, but the run configures optimizer.lr=0.001"),
+     (_set(["param_groups", 0, "betas"], (0.5, 0.5)), "betas=")],
+)  # fmt: skip
+def test_optimizer_state_that_does_not_fit_the_run_is_refused_naming_it(tmp_path, tamper, message):
+    point, parameters, config = _optimizer_point(tmp_path, tamper)
+    with pytest.raises(CheckpointError, match=f"{point.path}'s optimizer state .*{message}"):
+        point.check_optimizer_state(parameters, config, scheduled=False)
+
+
+def test_a_scheduled_learning_rate_is_the_checkpoints_to_keep(tmp_path):
+    point, parameters, config = _optimizer_point(tmp_path, _set(["param_groups", 0, "lr"], 1e-5))
+    point.check_optimizer_state(parameters, config, scheduled=True)
+
+
+@pytest.mark.parametrize("states", [None, [], [{}, {}], ["x"], [{"state": {}}]])
+def test_a_checkpoint_without_one_optimizers_state_is_refused(states):
+    point = ResumePoint(Path("/runs/a/last.ckpt"), SAVED, 1, 0, optimizer_states=states)
+    with pytest.raises(CheckpointError, match="optimizer state"):
+        point.check_optimizer_state([], {"_target_": "torch.optim.Adam"}, scheduled=False)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import inspect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pneumonia.errors import CheckpointError, SplitChangedError
 from pneumonia.model.classifier import DEFAULT_NORMALIZATION
+from pneumonia.model.registry import OPTIMIZERS, TARGET
 from pneumonia.training.checkpoints import read_checkpoint
 from pneumonia.training.loggers import continue_logs
 
@@ -56,6 +61,7 @@ class ResumePoint:
     hparams: dict[str, Any]
     global_step: int
     epoch: int
+    optimizer_states: Any = field(default=None, repr=False)
 
     @classmethod
     def read(cls, path: str | Path) -> ResumePoint:
@@ -66,6 +72,7 @@ class ResumePoint:
             checkpoint["hyper_parameters"],
             int(checkpoint.get("global_step", 0)),
             int(checkpoint.get("epoch", 0)),
+            checkpoint.get("optimizer_states"),
         )
 
     def check_same_model(self, hparams: dict[str, Any]) -> None:
@@ -86,6 +93,67 @@ class ResumePoint:
                     f"configures {key}={configured}; resume with the overrides of the original "
                     "run (a resume continues that run; start a new one for other settings)"
                 )
+
+    def check_optimizer_state(
+        self, parameters: Sequence[torch.Tensor], optimizer: dict[str, Any], scheduled: bool
+    ) -> None:
+        """Refuse optimizer state that does not belong to these parameters and settings.
+
+        Lightning hands the checkpoint's optimizer state to ``optimizer.load_state_dict``, which
+        checks only the number of parameters: moments of other shapes fail at the first step with
+        a bare size error, non-finite ones turn every weight NaN, and other hyperparameters in
+        its ``param_groups`` (a weight decay, betas, or a learning rate when nothing schedules
+        it) silently replace the configured ones.
+
+        Args:
+            parameters: the model's parameters in ``configure_optimizers``' order.
+            optimizer: the run's optimizer config (``_target_`` and arguments).
+            scheduled: whether a scheduler sets the learning rate (then ``lr`` is not compared).
+
+        Raises:
+            CheckpointError: naming the checkpoint and what does not fit.
+        """
+        states = self.optimizer_states
+        where = f"{self.path}'s optimizer state"
+        if not (isinstance(states, list) and len(states) == 1 and isinstance(states[0], dict)):
+            raise CheckpointError(
+                f"{where} is missing or not one optimizer's; resume from a checkpoints/last.ckpt "
+                "that train.py wrote"
+            )
+        state, groups = states[0].get("state"), states[0].get("param_groups")
+        if not isinstance(state, dict) or not isinstance(groups, list):
+            raise CheckpointError(f"{where} has no 'state' and 'param_groups'")
+        indices = [i for g in groups if isinstance(g, dict) for i in g.get("params", ())]
+        if sorted(indices) != list(range(len(parameters))):
+            raise CheckpointError(
+                f"{where} covers {len(indices)} parameters, but the model has {len(parameters)}"
+            )
+        for index, values in state.items():
+            shape = tuple(parameters[index].shape) if index in range(len(parameters)) else None
+            for name, value in values.items() if isinstance(values, dict) else ():
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    continue
+                if value.dim() > 0 and tuple(value.shape) != shape:
+                    raise CheckpointError(
+                        f"{where} holds {name} of shape {tuple(value.shape)} for parameter "
+                        f"{index} of shape {shape}"
+                    )
+                if not bool(torch.isfinite(value).all()):
+                    raise CheckpointError(
+                        f"{where} holds NaN or infinite {name} for parameter {index}; resuming "
+                        "would turn the weights NaN at the first step"
+                    )
+        ignored = {"_target_", "params", "fused", "foreach"} | ({"lr"} if scheduled else set())
+        for key, configured in {**_defaults(optimizer.get(TARGET)), **optimizer}.items():
+            if key in ignored:
+                continue
+            for group in groups:
+                if key in group and not _same_setting(group[key], configured):
+                    raise CheckpointError(
+                        f"{where} has {key}={group[key]!r}, but the run configures "
+                        f"optimizer.{key}={configured!r}; a resume would silently train with the "
+                        "checkpoint's value"
+                    )
 
     def check_same_split(self, settings: dict[str, Any]) -> None:
         """Refuse to resume with data settings that change the train/val/test split.
@@ -117,3 +185,28 @@ class ResumePoint:
         # The checkpoint holds everything logged up to step G-1 (its validation too); the first
         # batch after it logs at step G, which a killed process may have logged.
         continue_logs(loggers, self.global_step - 1)
+
+
+def _defaults(target: Any) -> dict[str, Any]:
+    """The keyword defaults of a registered optimizer class (what an unconfigured key means)."""
+    cls = OPTIMIZERS.get(target) if isinstance(target, str) else None
+    if cls is None:
+        return {}
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _same_setting(stored: Any, configured: Any) -> bool:
+    """Equal optimizer settings, tuples and lists alike, floats to rounding."""
+    if isinstance(stored, list | tuple) and isinstance(configured, list | tuple):
+        return len(stored) == len(configured) and all(
+            _same_setting(a, b) for a, b in zip(stored, configured, strict=True)
+        )
+    if isinstance(stored, bool) or isinstance(configured, bool):
+        return stored == configured
+    if isinstance(stored, int | float) and isinstance(configured, int | float):
+        return math.isclose(stored, configured, rel_tol=1e-9, abs_tol=0.0)
+    return stored == configured

@@ -263,6 +263,11 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     module: XrayClassifier = instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
     if resume is not None:
         resume.check_same_model(dict(module.hparams))
+        resume.check_optimizer_state(
+            list(module.parameters()),
+            to_plain(module.hparams.optimizer),
+            scheduled=bool(module.hparams.scheduler),
+        )
         log.info(
             "resuming from %s (epoch %d, step %d)", ckpt_path, resume.epoch, resume.global_step
         )
