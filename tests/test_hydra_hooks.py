@@ -55,7 +55,9 @@ def test_a_failed_job_writes_its_traceback_to_the_file_log_only(tmp_path, capsys
     assert "in failing_step" in text and "ValueError: the learning rate was negative" in text
     assert "on_job_end" not in text  # starts where the job failed, not in the hook
     assert text.count("run failed") == 1
-    assert "run failed" not in capsys.readouterr().err  # Hydra prints it on the terminal itself
+    err = capsys.readouterr().err
+    assert "run failed" not in err  # Hydra prints it on the terminal itself
+    assert "Error executing job" not in err  # and says so once, not once more for this hook
 
 
 def _sweep_root(tmp_path, job_overrides, launched=None, params=None):

@@ -171,18 +171,12 @@ class LogFailedJob(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED:
             return
-        try:
-            job_return.return_value  # noqa: B018 - re-raises the job's exception when it failed
+        # The stored exception itself: reading ``return_value`` would print Hydra's "Error
+        # executing job" line once more before re-raising it.
+        error = getattr(job_return, "_return_value", None)
+        if not isinstance(error, BaseException):
             return
-        except BaseException as raised:
-            error = raised
         frames = error.__traceback__
-        # Skip the frames of the re-raise above: the traceback starts where the job failed.
-        while frames is not None and frames.tb_frame.f_code.co_name in (
-            "on_job_end",
-            "return_value",
-        ):
-            frames = frames.tb_next
         text = "".join(traceback.format_exception(type(error), error, frames))
         record = log.makeRecord(
             log.name, logging.ERROR, __file__, 0, "run failed:\n%s", (text.rstrip(),), None
