@@ -26,7 +26,7 @@ python -c "import torch, lightning; print('torch', torch.__version__, 'lightning
 
 if wants 1; then
   step "1. LightningModule against a plain loop, same device-held batches, bf16"
-  timeout 150 python benchmarks/study_benchmark.py --trainer gpu --skip-training \
+  timeout 150 python benchmarks/study_benchmark.py --trainer gpu --skip-cache --skip-training \
     --batches 200 --repeats 3 --out "$OUT/throughput" 2>&1 | grep -v Warning | tail -8
 fi
 if wants 2; then

@@ -273,6 +273,9 @@ def main() -> None:
         "--batches", type=int, default=40, help="batches per throughput measurement"
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--skip-cache", action="store_true", help="do not time a cold cache build first"
+    )
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument(
@@ -293,8 +296,9 @@ def main() -> None:
         "machine": f"{platform.node()}, {device}, torch {torch.__version__}, lightning {L.__version__}, "
         f"precision {cfg.trainer.precision}",
     }
-    results["cache"] = bench_cache(cfg)
-    print(markdown(results), flush=True)
+    if not args.skip_cache:
+        results["cache"] = bench_cache(cfg)
+        print(markdown(results), flush=True)
     if not args.skip_throughput:
         results["throughput"] = bench_throughput(cfg, args.batches, args.repeats)
         print(markdown(results), flush=True)

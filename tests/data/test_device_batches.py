@@ -58,8 +58,9 @@ def test_bad_arguments_are_named():
         DeviceBatches(pixels, labels, 0, True)
 
 
-def _trainer(device: str = "cpu", world_size: int = 1):
+def _trainer(device: str = "cpu", world_size: int = 1, overfit_batches: float = 0):
     return SimpleNamespace(
+        overfit_batches=overfit_batches,
         world_size=world_size,
         global_rank=0,
         is_global_zero=True,
@@ -103,6 +104,37 @@ def test_forcing_device_batches_under_ddp_is_a_clear_error(small_root, cache_dir
         dm.train_dataloader()
     with pytest.raises(ValueError, match="true, false or null"):
         _datamodule(small_root, cache_dir, batches_on_device="yes")
+
+
+def test_overfitting_on_device_batches_trains_on_the_same_batches_each_epoch(small_root, cache_dir):
+    dm = _datamodule(small_root, cache_dir, batch_size=4, batches_on_device=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = _trainer(overfit_batches=2)
+    loader = dm.train_dataloader()
+    first, second = ([y.tolist() for _, y in loader] for _ in range(2))
+    assert not loader.shuffle and first == second
+    dm.trainer = _trainer()
+    assert dm.train_dataloader().shuffle
+
+
+def test_the_automatic_choice_is_made_once_for_every_split(small_root, cache_dir, monkeypatch):
+    dm = _datamodule(small_root, cache_dir, batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = _trainer("cuda")
+    free = {"bytes": 10 * dm.cache.pixels.nbytes}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 2**40))
+    assert dm.batch_device() == torch.device("cuda")
+    free["bytes"] = 0  # what the allocator keeps after training: still the same choice
+    assert dm.batch_device() == torch.device("cuda")
+    other = _datamodule(small_root, cache_dir, batch_size=4)
+    other.prepare_data()
+    other.setup("fit")
+    other.trainer = _trainer("cuda")
+    assert other.batch_device() is None
+    free["bytes"] = 10 * dm.cache.pixels.nbytes
+    assert other.batch_device() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

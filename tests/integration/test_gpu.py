@@ -71,4 +71,6 @@ def test_predictions_on_the_gpu_take_cpu_inputs(small_root, cache_dir, tmp_path)
     on_gpu = model.predict_proba(images)
     assert on_gpu.device.type == "cuda" and model.training
     on_cpu = XrayClassifier.load_from_checkpoint(last, map_location="cpu").predict_proba(images)
-    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+    # cuDNN convolutions run in TF32 by default (10-bit mantissa products, fp32 sums): close to
+    # the CPU's fp32, not equal.
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=2e-3)

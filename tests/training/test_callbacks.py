@@ -126,15 +126,48 @@ def test_a_nan_loss_stops_the_run_naming_epoch_step_and_loss(tmp_path, nan_at_st
     assert bool(saved) == (epoch > 0)
 
 
+class _Strategy:
+    """One rank of several: ``others_diverged`` is what the other ranks report."""
+
+    def __init__(self, others_diverged: bool = False) -> None:
+        self.others_diverged = others_diverged
+        self.decisions: list[bool] = []
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        assert all is False  # any rank's divergence stops every rank
+        self.decisions.append(decision)
+        return decision or self.others_diverged
+
+
 def test_an_infinite_loss_is_a_divergence_too():
     guard = StopOnDivergence(check_every_n_steps=1)
 
     class Trainer:
         global_step, current_epoch = 3, 1
+        strategy = _Strategy()
 
     guard.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(1.0)}, None, 0)
     with pytest.raises(TrainingDivergedError, match="epoch 1, step 2: the training loss was inf"):
         guard.on_train_batch_end(Trainer(), None, {"loss": torch.tensor(float("inf"))}, None, 0)
+
+
+def test_every_rank_stops_when_another_ranks_loss_diverged():
+    guard = StopOnDivergence(check_every_n_steps=2)
+
+    class Trainer:
+        global_step, current_epoch = 3, 0
+        strategy = _Strategy(others_diverged=False)
+
+    trainer = Trainer()
+    guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 0)
+    assert trainer.strategy.decisions == []  # not a check step: no collective, no host sync
+    trainer.global_step = 4
+    guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 0)
+    assert trainer.strategy.decisions == [False]  # every rank joins the decision
+    trainer.strategy.others_diverged = True
+    trainer.global_step = 6
+    with pytest.raises(TrainingDivergedError, match="step 5: another process's training loss"):
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 0)
 
 
 def test_weights_broken_by_an_epochs_last_step_stop_the_run_before_its_checkpoint(tmp_path):

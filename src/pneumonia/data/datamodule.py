@@ -178,6 +178,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.pixel_std: float | None = None
         self._datasets: dict[str, CachedXrayDataset] = {}
         self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._automatic_choice: dict[str, bool] = {}  # device -> whether the splits fit on it
 
     def prepare_data(self) -> None:
         """Decode and cache every image once (rank zero only under DDP).
@@ -360,14 +361,20 @@ class ChestXrayDataModule(L.LightningDataModule):
         if self.batches_on_device is None:
             if device.type != "cuda":
                 return None
-            assert self.cache is not None
-            free, _ = torch.cuda.mem_get_info(device)
-            if self.cache.pixels.nbytes > DEVICE_CACHE_SHARE * free:
-                log.info(
-                    "the image cache (%.0f MB) is large for %s's free memory; using DataLoaders",
-                    self.cache.pixels.nbytes / 2**20,
-                    device,
-                )
+            # Decided once per device: memory the allocator keeps after training would otherwise
+            # switch the test split to DataLoaders while train and val were held on the device.
+            if str(device) not in self._automatic_choice:
+                assert self.cache is not None
+                free, _ = torch.cuda.mem_get_info(device)
+                fits = self.cache.pixels.nbytes <= DEVICE_CACHE_SHARE * free
+                if not fits:
+                    log.info(
+                        "the image cache (%.0f MB) is large for %s's free memory; using DataLoaders",
+                        self.cache.pixels.nbytes / 2**20,
+                        device,
+                    )
+                self._automatic_choice[str(device)] = fits
+            if not self._automatic_choice[str(device)]:
                 return None
         return device
 
@@ -382,7 +389,9 @@ class ChestXrayDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
         device = self.batch_device()
         if device is not None:
-            return self._device_batches(split, device, shuffle)
+            # Lightning turns shuffling off for overfit_batches only in loaders with a sampler.
+            overfitting = self.trainer is not None and bool(self.trainer.overfit_batches)
+            return self._device_batches(split, device, shuffle and not overfitting)
         dataset = self.dataset(split)
         sampler = None
         trainer = self.trainer

@@ -91,7 +91,8 @@ class DiagnosticMetrics(nn.Module):
         values["auroc"] = (
             self.auroc.compute().double()
             if both_classes
-            else torch.tensor(float("nan"), dtype=torch.float64)
+            # On the states' device: DDP on NCCL cannot all-reduce a CPU tensor.
+            else torch.tensor(float("nan"), dtype=torch.float64, device=confusion.device)
         )
         return {name: values[name] for name in METRIC_NAMES}
 

@@ -445,6 +445,8 @@ class XrayClassifier(L.LightningModule):
         images, targets = batch
         # Full precision even under bf16-mixed training: bf16 logits keep 8 bits of mantissa, which
         # would tie images for AUROC and coarsen the threshold and the temperature fitted on them.
+        # (cuDNN's default TF32 convolutions are left alone: they round products, not the fp32
+        # logits, so they add noise of about 1e-3 but no ties.)
         with torch.autocast(images.device.type, enabled=False):
             logits = self(images).float()
         # Validation and test losses are the plain BCE of the uncalibrated logits, comparable

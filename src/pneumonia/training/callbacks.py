@@ -174,11 +174,11 @@ class StopOnDivergence(Callback):
         first = (self._first_bad[0] < 0) & ~torch.isfinite(loss)
         self._first_bad = torch.where(first, torch.stack([step, epoch, loss]), self._first_bad)
         if trainer.global_step % self.check_every_n_steps == 0:
-            self._raise_if_diverged()
+            self._raise_if_diverged(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._raise_if_diverged()
+            self._raise_if_diverged(trainer)
             self._raise_if_weights_broken(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -195,18 +195,24 @@ class StopOnDivergence(Callback):
             )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._raise_if_diverged()
+        self._raise_if_diverged(trainer)
         self._raise_if_weights_broken(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._raise_if_diverged()
+        self._raise_if_diverged(trainer)
 
-    def _raise_if_diverged(self) -> None:
-        if self._first_bad is None:
+    def _raise_if_diverged(self, trainer: L.Trainer) -> None:
+        step, epoch, loss = self._first_bad.tolist() if self._first_bad is not None else (-1,) * 3
+        # Every rank decides together: a NaN loss on one rank reaches the others' weights only at
+        # the next step, and a rank stopping alone would leave them waiting in a collective.
+        if not trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
             return
-        step, epoch, loss = self._first_bad.tolist()
         if step < 0:
-            return
+            raise TrainingDivergedError(
+                f"training diverged by epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step - 1}: another process's training loss was not finite. "
+                f"{_WHAT_NOW}"
+            )
         raise TrainingDivergedError(
             f"training diverged at epoch {int(epoch)}, step {int(step)}: the training loss was "
             f"{loss}. {_WHAT_NOW}"
