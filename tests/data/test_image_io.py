@@ -195,3 +195,34 @@ def test_16_bit_transparent_pixels_neither_stretch_the_range_nor_show(tmp_path):
     pixels = load_grayscale(tmp_path / "wide.png", 64)
     assert pixels[:, 49:].max() == 0  # composited over black
     assert pixels[:, :47].max() >= 250  # stretched over the opaque 1000..2000, not 1000..65535
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_an_exif_orientation_is_shown_upright_as_viewers_show_it(data_root, tmp_path, orientation, suffix):  # fmt: skip
+    from PIL import ImageOps
+
+    xray = Image.open(next((data_root / "train" / "PNEUMONIA").iterdir())).convert("L")
+    xray = xray.crop((0, 0, 200, 150))  # not square: a swapped width and height would show
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"tagged{suffix}"
+    # Stored turned the other way, so the tag brings back the X-ray as it was.
+    turn = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}  # others undo themselves
+    stored = (
+        xray if orientation == 1
+        else xray.transpose(turn.get(orientation, image_io._UPRIGHT[orientation]))
+    )  # fmt: skip
+    stored.save(path, exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
+    assert Image.open(path).getexif().get(0x0112) == orientation
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("L").resize(
+        (64, 64), Image.Resampling.BILINEAR))  # fmt: skip
+    pixels = load_grayscale(path, 64)
+    assert np.abs(pixels.astype(int) - expected).mean() < 1.5  # resampling order and JPEG only
+    reference = load_grayscale(_saved(xray, tmp_path / f"plain{suffix}"), 64)
+    assert np.abs(pixels.astype(int) - reference).mean() < 3  # upright: the same X-ray
+
+
+def _saved(image: Image.Image, path):
+    image.save(path, **({"quality": 100} if path.suffix == ".jpg" else {}))
+    return path

@@ -138,6 +138,22 @@ def test_a_resume_with_tampered_optimizer_state_is_refused_before_training(
     assert torch.load(last, weights_only=True)["epoch"] == checkpoint["epoch"]  # not trained on
 
 
+def test_a_resume_with_other_class_weights_is_refused(short_run, small_root, cache_dir, tmp_path):
+    # small_root is balanced, so balanced weighting gives (1, 1) too: the record says otherwise.
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"]["class_weights"] = [2.0, 0.5]
+    torch.save(checkpoint, last)
+    result = train(
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
+        f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "was trained with class weights [2.0, 0.5]" in result.stderr
+    assert "would weigh the loss [1.0, 1.0]" in result.stderr
+
+
 def test_a_resume_on_another_file_list_is_refused(short_run, small_root, cache_dir, tmp_path):
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     root = shutil.copytree(small_root, tmp_path / "root", symlinks=True)

@@ -144,3 +144,12 @@ def test_a_checkpoint_without_one_optimizers_state_is_refused(states):
     point = ResumePoint(Path("/runs/a/last.ckpt"), SAVED, 1, 0, optimizer_states=states)
     with pytest.raises(CheckpointError, match="optimizer state"):
         point.check_optimizer_state([], {"_target_": "torch.optim.Adam"}, scheduled=False)
+
+
+def test_other_class_weights_are_refused_naming_both():
+    point = ResumePoint(Path("/runs/a/last.ckpt"), {**SAVED, "class_weights": [1.0, 1.0]}, 1, 0)
+    point.check_same_class_weights([1.0, 1.0])
+    point.check_same_class_weights(None)
+    with pytest.raises(CheckpointError, match=r"class weights \[1.0, 1.0\] .* \[1.9437, 0.673\]"):
+        point.check_same_class_weights([1.94367, 0.67302])
+    ResumePoint(Path("/x.ckpt"), SAVED, 1, 0).check_same_class_weights([2.0, 0.5])  # unrecorded

@@ -59,7 +59,9 @@ from pneumonia.data.image_io import load_grayscale
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: the index records the key and a CRC-32 of the pixels
+# 2: the index records the key and a CRC-32 of the pixels; 3: images turned upright by their EXIF
+# orientation (caches decoded before would hold rotated copies of such files)
+CACHE_FORMAT = 3
 _CHUNK = 64
 _READ_BLOCK = 1 << 20
 #: A temporary file untouched this long is a leftover even if its pid looks alive (pid reuse, or a

@@ -107,7 +107,8 @@ def load_grayscale(path: str | Path, image_size: int) -> np.ndarray:
     """Decode ``path`` (JPEG or PNG, grayscale, RGB or 16-bit, any size) to ``(image_size, image_size)`` uint8.
 
     The image is squashed to a square without keeping its aspect ratio, as the study (and most
-    pipelines for this dataset) did, with an antialiased bilinear filter.
+    pipelines for this dataset) did, with an antialiased bilinear filter, and turned upright by its
+    EXIF orientation tag, as image viewers show it.
 
     Transparency (an alpha band as in RGBA, LA and PA, or a ``transparency`` entry as in P, L or
     RGB PNGs) is flattened by compositing over black, ``gray * alpha / 255``, at full size before
@@ -138,7 +139,39 @@ def load_grayscale(path: str | Path, image_size: int) -> np.ndarray:
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise ImageTooLargeError(f"{path}: {err}") from err
         with img:
-            return _to_square_gray(img, path, image_size)
+            orientation = _exif_orientation(img)
+            square = _to_square_gray(img, path, image_size)
+    return _upright(square, orientation)
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ``ImageOps.exif_transpose``).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored); 1 when absent or unreadable."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block must not make a readable image unreadable
+        return 1
+    return orientation if isinstance(orientation, int) else 1
+
+
+def _upright(square: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded square the way every viewer shows the file (a phone photo of a film, a
+    scanner's export): rotating or flipping the squashed square equals squashing the turned image."""
+    transpose = _UPRIGHT.get(orientation)
+    if transpose is None:
+        return square
+    return np.asarray(Image.fromarray(square).transpose(transpose), dtype=np.uint8)
 
 
 def _open_nonblocking(path: str, flags: int) -> int:

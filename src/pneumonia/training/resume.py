@@ -94,6 +94,26 @@ class ResumePoint:
                     "run (a resume continues that run; start a new one for other settings)"
                 )
 
+    def check_same_class_weights(self, class_weights: Sequence[float] | None) -> None:
+        """Refuse to resume with other loss weights (another ``class_weighting``).
+
+        The weights come from the training split and ``class_weighting``; the split is checked on
+        its own, so a difference here means the weighting changed: the epochs before the resume
+        and after it would have minimised different losses, while the checkpoint names one.
+
+        Raises:
+            CheckpointError: naming both sets of weights.
+        """
+        saved = self.hparams.get("class_weights")
+        if saved is None or class_weights is None:
+            return  # written before the statistics were recorded, or a run without them
+        if not _same_setting(list(saved), list(class_weights)):
+            raise CheckpointError(
+                f"{self.path} was trained with class weights {_rounded(saved)} (NORMAL, "
+                f"PNEUMONIA), but this run would weigh the loss {_rounded(class_weights)}; "
+                "resume with the original run's class_weighting"
+            )
+
     def check_optimizer_state(
         self, parameters: Sequence[torch.Tensor], optimizer: dict[str, Any], scheduled: bool
     ) -> None:
@@ -185,6 +205,10 @@ class ResumePoint:
         # The checkpoint holds everything logged up to step G-1 (its validation too); the first
         # batch after it logs at step G, which a killed process may have logged.
         continue_logs(loggers, self.global_step - 1)
+
+
+def _rounded(weights: Sequence[float]) -> list[float]:
+    return [round(float(w), 4) for w in weights]
 
 
 def _defaults(target: Any) -> dict[str, Any]:

@@ -280,6 +280,8 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     if cfg.get("test", True):
         datamodule.dataset("test")
     module.adopt_data_statistics(datamodule)
+    if resume is not None:
+        resume.check_same_class_weights(module.hparams.get("class_weights"))
     # A report from an earlier fit in this folder must not pass for this one's if it fails.
     retire_test_report(output_dir)
 
