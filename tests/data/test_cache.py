@@ -154,7 +154,7 @@ def test_wrong_dtype_or_no_npy_header_is_caught(data_root, tmp_path, caplog, mon
         ("{not json", "is not valid JSON"),
         ("[1, 2]", "holds a list, not an object"),
         ("", "is not valid JSON"),
-        ('{"format": 2, "key": "k"}', "says key='k', expected"),
+        ('{"format": 3, "key": "k"}', "says key='k', expected"),
         ("[" * 200_000, "is not valid JSON"),  # deep enough to exhaust the parser's recursion
     ],
 )

@@ -63,7 +63,11 @@ def test_all_test_fractions_put_everything_in_test():
     assert splits.tolist() == ["test"] * 4
 
 
-@pytest.mark.parametrize("bad", [(0.8, 0.1), (0.8, 0.3, 0.1), (1.2, -0.1, -0.1)])
+@pytest.mark.parametrize(
+    "bad",
+    [(0.8, 0.1), (0.8, 0.3, 0.1), (1.2, -0.1, -0.1), (float("nan"), 0.5, 0.5),
+     (0.8, 0.1, float("nan")), (float("inf"), 0.1, 0.1)],
+)  # fmt: skip
 def test_bad_fractions_are_named(bad):
     with pytest.raises(ValueError, match=r"split fractions .* add up to 1"):
         check_fractions(bad)

@@ -40,16 +40,37 @@ def test_foreign_files_are_refused_with_the_reason(tmp_path):
         read_hyperparameters(pickled)
 
 
-def test_a_run_folder_means_its_recorded_best_checkpoint_when_asked(tmp_path):
+MINIMAL = {"state_dict": {}, "hyper_parameters": {"net": {}}}
+
+
+def test_a_run_folder_means_its_recorded_best_checkpoint_when_asked(tmp_path, caplog):
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
     best = folder / "epoch03-bacc0.9700.ckpt"
     torch.save({"state_dict": {}}, best)
     state = {"best_model_path": "/moved/away/epoch03-bacc0.9700.ckpt", "dirpath": "/moved/away"}
-    torch.save({"callbacks": {"RunCheckpoint{'monitor': 'val/balanced_accuracy'}": state}}, folder / "last.ckpt")  # fmt: skip
+    torch.save({"callbacks": {"RunCheckpoint{'monitor': 'val/balanced_accuracy'}": state}, **MINIMAL}, folder / "last.ckpt")  # fmt: skip
     torch.save({"state_dict": {}}, folder / "epoch09-bacc0.9100.ckpt")  # a later, worse one
     assert best_checkpoint(tmp_path / "run") == best
     assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == best
     assert resolve_checkpoint(tmp_path / "run", tmp_path) == folder / "last.ckpt"  # resuming
+    assert resolve_checkpoint(folder, tmp_path, prefer_best=True) == best  # the checkpoints folder
     best.unlink()
-    assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == folder / "last.ckpt"
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == folder / "last.ckpt"  # fmt: skip
+    assert "records its best checkpoint as epoch03-bacc0.9700.ckpt, which is not in" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "callbacks"])
+def test_a_damaged_last_checkpoint_in_a_run_folder_is_named(tmp_path, damage):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    last = folder / "last.ckpt"
+    torch.save({"callbacks": {"x": {"best_model_path": "a.ckpt", "dirpath": "d"}}, **MINIMAL}, last)
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:200])
+        with pytest.raises(CheckpointError, match=f"{last} is not a checkpoint that loads safely"):
+            resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True)
+    else:
+        torch.save({"callbacks": ["x"], **MINIMAL}, last)
+        assert best_checkpoint(tmp_path / "run") is None

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pneumonia.errors import CheckpointError
 from pneumonia.model.classifier import XrayClassifier
+from pneumonia.training.checkpoints import read_checkpoint
 
 NET = {"_target_": "pneumonia.model.study_cnn.StudyCNN", "image_size": 32, "channels": [4, 8, 8], "hidden_features": 8}  # fmt: skip
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3}
@@ -182,3 +183,43 @@ def test_weights_that_are_not_finite_are_refused(honest_checkpoint, tmp_path, va
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=f"{path}.*weights {name} hold NaN or infinite"):
         XrayClassifier.load_from_checkpoint(path)
+
+
+def _nested(depth: int) -> list:
+    """One list reused at every level: a few hundred bytes expanding to 2**depth leaves."""
+    value: list = [0.9]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+def _weight_name(checkpoint: dict) -> str:
+    return next(k for k in checkpoint["state_dict"] if k.startswith("net.") and "weight" in k)
+
+
+@pytest.mark.parametrize(
+    ("craft", "message"),
+    [(lambda c: c["state_dict"].update(zz=torch.zeros(1).as_strided((50_000, 40_000), (0, 0))),
+      r"do not belong to this network: unknown \['zz'\]"),
+     (lambda c: c["state_dict"].pop(_weight_name(c)), "do not belong to this network: unknown \\[\\], missing"),
+     (lambda c: c["state_dict"].update({_weight_name(c): torch.zeros(1).as_strided((9, 9), (0, 0))}),
+      r"has shape \(9, 9\), but this network's has"),
+     (lambda c: c["state_dict"].update({_weight_name(c): torch.complex(
+         torch.full(c["state_dict"][_weight_name(c)].shape, float("nan")),
+         torch.zeros(c["state_dict"][_weight_name(c)].shape))}), "is torch.complex64"),
+     (lambda c: c["hyper_parameters"]["optimizer"].update(betas=_nested(40)), "nests deeper than 32"),
+     (lambda c: c["hyper_parameters"].update(split={"bomb": _nested(22)}), "more than 100,000 values")],
+)  # fmt: skip
+def test_a_checkpoint_that_would_expand_or_slip_past_the_checks_is_refused_quickly(
+    honest_checkpoint, tmp_path, craft, message
+):
+    checkpoint = copy.deepcopy(honest_checkpoint)
+    craft(checkpoint)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    assert path.stat().st_size < 10 * 2**20
+    with pytest.raises(CheckpointError, match=f"{path}.*{message}"):
+        XrayClassifier.load_from_checkpoint(path)
+    if "nests" in message or "values" in message:  # what resuming and evaluating read first
+        with pytest.raises(CheckpointError, match=f"{path} was refused: .*{message}"):
+            read_checkpoint(path)

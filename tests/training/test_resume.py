@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pneumonia.errors import CheckpointError, SplitChangedError
 from pneumonia.training.resume import ResumePoint
@@ -126,7 +127,10 @@ def _set(path, value):
      (_set(["param_groups", 0, "params"], [0, 1, 2]), "covers 3 parameters, but the model has 4"),
      (_set(["param_groups", 0, "weight_decay"], 0.5), r"weight_decay=0.5, but the run configures optimizer.weight_decay=0.0001"),
      (_set(["param_groups", 0, "lr"], 10.0), r"lr=10.0, but the run configures optimizer.lr=0.001"),
-     (_set(["param_groups", 0, "betas"], (0.5, 0.5)), "betas=")],
+     (_set(["param_groups", 0, "betas"], (0.5, 0.5)), "betas="),
+     (_set(["state", 0, "exp_avg_sq"], lambda t: -t - 1), "negative exp_avg_sq for parameter 0"),
+     (_set(["state", 1, "step"], lambda t: t * 0 - 1), "negative step for parameter 1"),
+     (_set(["state", 2, "exp_avg"], lambda t: t.to(torch.complex64)), "complex64 exp_avg")],
 )  # fmt: skip
 def test_optimizer_state_that_does_not_fit_the_run_is_refused_naming_it(tmp_path, tamper, message):
     point, parameters, config = _optimizer_point(tmp_path, tamper)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -153,6 +154,12 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.split_fractions = check_fractions(split_fractions)
         self.group_by = group_by
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed < 2**32
+        ):
+            raise ValueError(f"data.seed={seed!r} must be a whole number from 0 to 2**32 - 1")
         self.seed = int(seed)
         self.class_weighting = class_weighting or no_class_weights
         self.cache_dir = Path(cache_dir).expanduser()

@@ -23,7 +23,8 @@ GROUPINGS = ("patient", "image")
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """Validate (train, val, test) fractions: three non-negative numbers that add up to 1."""
     values = tuple(float(f) for f in fractions)
-    if len(values) != 3 or any(f < 0 for f in values) or abs(sum(values) - 1.0) > 1e-6:
+    # `not f >= 0` also catches NaN, which every comparison calls false.
+    if len(values) != 3 or any(not f >= 0 for f in values) or not abs(sum(values) - 1.0) <= 1e-6:
         raise ValueError(
             f"split fractions {list(fractions)} must be three non-negative numbers "
             "(train, val, test) that add up to 1, e.g. [0.8, 0.1, 0.1]"

@@ -134,6 +134,11 @@ class XrayClassifier(L.LightningModule):
             to_plain(node) or None for node in (augmentation, normalization, operating_point)
         )
         # Everything is checked before anything is built: a checkpoint is untrusted data.
+        registry.check_bounded(
+            [net, optimizer, scheduler, class_weights, split, augmentation, normalization,
+             operating_point, data_root],
+            "the hyperparameters",
+        )  # fmt: skip
         build_net = registry.resolve("net", net)
         registry.check("optimizer", optimizer)
         registry.check("scheduler", _without_interval(scheduler))
@@ -223,13 +228,17 @@ class XrayClassifier(L.LightningModule):
             raise CheckpointError(f"{checkpoint_path} was refused: {err}") from err
         except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
             first_line = str(err).splitlines()[0] if str(err) else ""
+            how = " with weights_only=True" if isinstance(err, pickle.UnpicklingError) else ""
             raise CheckpointError(
-                f"{checkpoint_path} could not be loaded with weights_only=True "
-                f"({type(err).__name__}: {first_line})"
+                f"{checkpoint_path} could not be loaded{how} ({type(err).__name__}: {first_line})"
             ) from err
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights that are not finite, whichever way the checkpoint is loaded."""
+        try:
+            registry.check_bounded(checkpoint, "the checkpoint")
+        except registry.UnsafeConfigError as err:
+            raise CheckpointError(str(err)) from err
         state = checkpoint.get("state_dict")
         if not isinstance(state, Mapping):
             raise CheckpointError("the checkpoint has no state_dict of weights")
@@ -255,13 +264,43 @@ class XrayClassifier(L.LightningModule):
                             f"the checkpoint's stored {key} is {number}, outside [{low}, {high}]; "
                             "its decisions would be meaningless"
                         )
+        self._check_weights_fit(state)
         for name, tensor in state.items():
-            floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
             # In float32, as the network computes: a float64 1e300 is finite only as stored.
-            if floating and not bool(torch.isfinite(tensor.float()).all()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
                 raise CheckpointError(
                     f"the checkpoint's weights {name} hold NaN or infinite values; it comes "
                     "from a diverged run and gives no meaningful predictions"
+                )
+
+    def _check_weights_fit(self, state: Mapping[str, Any]) -> None:
+        """Every stored tensor must be one of this model's, of its shape and kind of dtype.
+
+        Checked before any value is read: a tensor of another name, shape, or a stride-0 view
+        claiming billions of elements would otherwise be expanded by the finiteness check (a file
+        of bytes asking for gigabytes), and a complex one would pass it.
+        """
+        expected = self.state_dict()
+        unknown = [k for k in state if k not in expected]
+        missing = [k for k in expected if k not in state]
+        if unknown or missing:
+            raise CheckpointError(
+                f"the checkpoint's weights do not belong to this network: unknown {unknown[:5]}"
+                f"{' ...' if len(unknown) > 5 else ''}, missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
+        for name, tensor in state.items():
+            want = expected[name]
+            if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+                raise CheckpointError(f"the checkpoint's {name} is not a dense tensor")
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise CheckpointError(
+                    f"the checkpoint's {name} has shape {tuple(tensor.shape)}, but this network's "
+                    f"has {tuple(want.shape)}"
+                )
+            if tensor.is_complex() or tensor.is_floating_point() != want.is_floating_point():
+                raise CheckpointError(
+                    f"the checkpoint's {name} is {tensor.dtype}, but this network's is {want.dtype}"
                 )
 
     # ----- preprocessing and inference -------------------------------------------------------

@@ -132,6 +132,37 @@ def check(role: str, node: Mapping[str, Any] | None, where: str | None = None) -
         resolve(role, node, where)
 
 
+MAX_DATA_NODES = 100_000
+"""The most values (dict entries, list items) plain data from a checkpoint may expand to."""
+MAX_DATA_DEPTH = 32
+
+
+def check_bounded(value: Any, where: str) -> None:
+    """Refuse plain data that nests deeper than ``MAX_DATA_DEPTH`` or expands to more than
+    ``MAX_DATA_NODES`` values.
+
+    A pickle may reuse one list at every level (``x = [x, x]`` forty times): a few hundred bytes
+    that expand to 2^40 values for any code that walks them, prints them or writes them as JSON.
+    The walk stops as soon as the budget is spent.
+
+    Raises:
+        UnsafeConfigError: naming ``where``.
+    """
+    stack, seen = [(value, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_DATA_NODES or depth > MAX_DATA_DEPTH:
+            raise UnsafeConfigError(
+                f"{where} nests deeper than {MAX_DATA_DEPTH} levels or holds more than "
+                f"{MAX_DATA_NODES:,} values; no config of this project does"
+            )
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def _plan(role: str, value: Any, where: str) -> Any:
     """``value`` with every node replaced by ``(class, {arguments})``, all checked."""
     if isinstance(value, Mapping):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from pneumonia.errors import CheckpointError
+from pneumonia.model.registry import UnsafeConfigError, check_bounded
 
 __all__ = [
     "LAST",
@@ -20,12 +22,13 @@ __all__ = [
 ]
 
 LAST = "last"
+log = logging.getLogger(__name__)
 
 
 def _model_checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The ModelCheckpoint callback's saved state in a checkpoint file (empty if it has none)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for value in state.get("callbacks", {}).values():
+    callbacks = read_checkpoint(path).get("callbacks")
+    for value in callbacks.values() if isinstance(callbacks, dict) else ():
         # Keyed by the callback's class name (ModelCheckpoint, RunCheckpoint, ...) and settings.
         if isinstance(value, dict) and "best_model_path" in value and "dirpath" in value:
             return value
@@ -42,8 +45,14 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     if not last.is_file():
         return None
     recorded = _model_checkpoint_state(last).get("best_model_path")
-    candidate = folder / Path(recorded).name if recorded else None
-    return candidate if candidate is not None and candidate.is_file() else None
+    candidate = folder / Path(str(recorded)).name if recorded else None
+    if candidate is not None and not candidate.is_file():
+        log.warning(
+            "%s records its best checkpoint as %s, which is not in %s; using last.ckpt",
+            last, Path(str(recorded)).name, folder,
+        )  # fmt: skip
+        return None
+    return candidate
 
 
 def recorded_score(path: str | Path) -> float | None:
@@ -74,6 +83,8 @@ def resolve_checkpoint(
             )
         return path
     path = Path(ckpt_path).expanduser()
+    if path.is_dir() and path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        path = path.parent  # the run's checkpoints folder names the run
     if path.is_dir():
         best = best_checkpoint(path) if prefer_best else None
         path = best or path / "checkpoints" / "last.ckpt"
@@ -99,6 +110,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a checkpoint that loads safely with weights_only=True ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''})"
         ) from err
+    try:
+        check_bounded(checkpoint, "the checkpoint")
+    except UnsafeConfigError as err:
+        raise CheckpointError(f"{path} was refused: {err}") from err
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "net" not in hparams or "state_dict" not in checkpoint:
         raise CheckpointError(

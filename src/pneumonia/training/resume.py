@@ -151,8 +151,18 @@ class ResumePoint:
         for index, values in state.items():
             shape = tuple(parameters[index].shape) if index in range(len(parameters)) else None
             for name, value in values.items() if isinstance(values, dict) else ():
-                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                if not isinstance(value, torch.Tensor):
                     continue
+                if value.is_complex() or value.layout != torch.strided:
+                    raise CheckpointError(f"{where} holds a {value.dtype} {name}: not real values")
+                if not value.is_floating_point():
+                    continue
+                # Second moments and step counts are never negative: Adam would take their root.
+                if (name == "step" or name.endswith("_sq")) and bool((value < 0).any()):
+                    raise CheckpointError(
+                        f"{where} holds a negative {name} for parameter {index}, which no "
+                        "optimizer step produces"
+                    )
                 if value.dim() > 0 and tuple(value.shape) != shape:
                     raise CheckpointError(
                         f"{where} holds {name} of shape {tuple(value.shape)} for parameter "
