@@ -445,6 +445,48 @@ def test_a_whole_run_schedule_is_not_extended_by_a_resume(tmp_path):
         longer.fit(again, _separable_loader(), _separable_loader(), ckpt_path=path)
 
 
+SCHEDULES = {
+    "warmup_cosine": {"_target_": "pneumonia.training.schedulers.WarmupCosine",
+                      "total_steps": 8, "interval": "step"},
+    "onecycle": {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 1e-3,
+                 "total_steps": 8, "interval": "step"},
+    "cosine": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 2},
+}  # fmt: skip
+
+
+def _resume_with_schedule(tmp_path, schedule, tamper=None):
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
+    path = tmp_path / "one_epoch.ckpt"
+    _fit(module, max_epochs=1).save_checkpoint(path)  # half of the 2 epochs each schedule spans
+    if tamper is not None:
+        checkpoint = torch.load(path, weights_only=True)
+        tamper(checkpoint)
+        torch.save(checkpoint, path)
+    again = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(again, _separable_loader(), _separable_loader(), ckpt_path=path)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_an_honest_resume_keeps_its_schedule(tmp_path, name):
+    _resume_with_schedule(tmp_path, SCHEDULES[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "tamper", "named"),
+    [("warmup_cosine", lambda c: c["lr_schedulers"][0].update(base_lrs=[0.01]), r"base_lrs: \[0.001\] -> \[0.01\]"),
+     ("cosine", lambda c: c["lr_schedulers"][0].update(T_max=1000), "T_max: 2 -> 1000"),
+     ("onecycle", lambda c: c["optimizer_states"][0]["param_groups"][0].update(max_lr=1.0),
+      r"param_groups\[0\].max_lr: 0.001 -> 1.0")],
+)  # fmt: skip
+def test_a_tampered_schedule_is_refused_when_resumed(tmp_path, name, tamper, named):
+    from pneumonia.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=f"schedule is not the configured one.*{named}"):
+        _resume_with_schedule(tmp_path, SCHEDULES[name], tamper)
+
+
 def test_a_run_of_unknown_length_cannot_fill_in_total_steps():
     schedule = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.01,
                 "total_steps": None, "interval": "step"}  # fmt: skip

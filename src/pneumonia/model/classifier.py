@@ -46,7 +46,7 @@ from pneumonia.metrics.calibration import expected_calibration_error, fit_temper
 from pneumonia.metrics.diagnostic import DiagnosticMetrics
 from pneumonia.metrics.evaluation import log_figure
 from pneumonia.model import registry
-from pneumonia.training import schedulers as _schedulers  # noqa: F401  (registers schedulers)
+from pneumonia.training import schedulers as _schedulers  # also registers the schedulers
 
 # The study's threshold: its table is always reported at it, whatever rule a run uses.
 STUDY_THRESHOLD = 0.5
@@ -431,6 +431,7 @@ class XrayClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._check_schedule_covers_the_run()
+        self._check_restored_schedule()
         if self.global_step > 0:
             return  # a resumed run logged them when it started
         # The weights in use belong next to the curves they shaped, not only in the log file.
@@ -440,6 +441,25 @@ class XrayClassifier(L.LightningModule):
         }
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
+
+    def _check_restored_schedule(self) -> None:
+        """Refuse a resumed schedule that is not the configured one (a tampered or foreign file).
+
+        Lightning loads the checkpoint's scheduler state over the one ``configure_optimizers``
+        built: its base learning rates, length or OneCycle peak would silently replace the config's.
+        """
+        configured = getattr(self, "_configured_schedule", None)
+        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        if configured is None or len(configs) != 1 or len(self.trainer.optimizers) != 1:
+            return
+        restored = _schedulers.schedule_settings(self.trainer.optimizers[0], configs[0].scheduler)
+        differences = _schedulers.schedule_differences(configured, restored)
+        if differences:
+            raise CheckpointError(
+                "the resumed checkpoint's learning-rate schedule is not the configured one ("
+                + "; ".join(differences[:4])
+                + "); resume from a checkpoint this configuration wrote"
+            )
 
     def _check_schedule_covers_the_run(self) -> None:
         """Refuse to train past the end of a whole-run schedule (a resume with more epochs).
@@ -680,13 +700,10 @@ class XrayClassifier(L.LightningModule):
                     "set trainer.max_epochs (>= 1) or trainer.max_steps, or give total_steps"
                 )
             scheduler["total_steps"] = int(steps)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": registry.build("scheduler", scheduler, optimizer=optimizer),
-                "interval": interval,
-            },
-        }
+        built = registry.build("scheduler", scheduler, optimizer=optimizer)
+        # Before a resume restores the checkpoint's schedule over it: see on_train_start.
+        self._configured_schedule = _schedulers.schedule_settings(optimizer, built)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": built, "interval": interval}}
 
 
 # Optimisers whose single-kernel ("fused") step PyTorch has on the CPU and on CUDA.

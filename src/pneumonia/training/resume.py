@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pneumonia.model.classifier import DEFAULT_NORMALIZATION
 from pneumonia.model.registry import OPTIMIZERS, TARGET
 from pneumonia.training.checkpoints import read_checkpoint
 from pneumonia.training.loggers import continue_logs
+from pneumonia.training.schedulers import same_setting
 
 # How each split setting is called on the command line.
 SPLIT_SETTING_NAMES = {
@@ -107,7 +107,7 @@ class ResumePoint:
         saved = self.hparams.get("class_weights")
         if saved is None or class_weights is None:
             return  # written before the statistics were recorded, or a run without them
-        if not _same_setting(list(saved), list(class_weights)):
+        if not same_setting(list(saved), list(class_weights)):
             raise CheckpointError(
                 f"{self.path} was trained with class weights {_rounded(saved)} (NORMAL, "
                 f"PNEUMONIA), but this run would weigh the loss {_rounded(class_weights)}; "
@@ -178,7 +178,7 @@ class ResumePoint:
             if key in ignored:
                 continue
             for group in groups:
-                if key in group and not _same_setting(group[key], configured):
+                if key in group and not same_setting(group[key], configured):
                     raise CheckpointError(
                         f"{where} has {key}={group[key]!r}, but the run configures "
                         f"optimizer.{key}={configured!r}; a resume would silently train with the "
@@ -231,16 +231,3 @@ def _defaults(target: Any) -> dict[str, Any]:
         for name, p in inspect.signature(cls).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-
-
-def _same_setting(stored: Any, configured: Any) -> bool:
-    """Equal optimizer settings, tuples and lists alike, floats to rounding."""
-    if isinstance(stored, list | tuple) and isinstance(configured, list | tuple):
-        return len(stored) == len(configured) and all(
-            _same_setting(a, b) for a, b in zip(stored, configured, strict=True)
-        )
-    if isinstance(stored, bool) or isinstance(configured, bool):
-        return stored == configured
-    if isinstance(stored, int | float) and isinstance(configured, int | float):
-        return math.isclose(stored, configured, rel_tol=1e-9, abs_tol=0.0)
-    return stored == configured

@@ -8,7 +8,9 @@ is one class here. Its ``total_steps`` (like ``OneCycleLR``'s) may be left ``nul
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -64,3 +66,55 @@ class WarmupCosine(LRScheduler):
     def get_lr(self) -> list[float]:
         factor = self.factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+# What a scheduler's state holds about its progress; everything else follows from its config.
+_PROGRESS = frozenset(
+    {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
+     "T_cur", "T_i", "verbose"}
+)  # fmt: skip
+# What schedulers keep in the optimizer's param_groups (OneCycleLR's peak and floor, ...).
+_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+
+
+def schedule_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """What a schedule is, apart from how far it got: to compare a restored one with its config."""
+    state = {k: v for k, v in scheduler.state_dict().items() if k not in _PROGRESS}
+    groups = [{k: g[k] for k in _GROUP_KEYS if k in g} for g in optimizer.param_groups]
+    return copy.deepcopy({"scheduler": state, "param_groups": groups})
+
+
+def schedule_differences(configured: dict[str, Any], restored: dict[str, Any]) -> list[str]:
+    """``"<key>: <configured> -> <restored>"`` for every setting that differs."""
+    differences = []
+    for part in ("scheduler", "param_groups"):
+        mine, theirs = configured.get(part), restored.get(part)
+        if part == "param_groups":
+            mine = dict(enumerate(mine or []))
+            theirs = dict(enumerate(theirs or []))
+            pairs = [
+                (f"param_groups[{i}].{k}", (mine.get(i) or {}).get(k), (theirs.get(i) or {}).get(k))
+                for i in sorted(mine.keys() | theirs.keys())
+                for k in sorted((mine.get(i) or {}).keys() | (theirs.get(i) or {}).keys())
+            ]
+        else:
+            pairs = [(k, mine.get(k), theirs.get(k)) for k in sorted(mine.keys() | theirs.keys())]
+        differences += [f"{k}: {a!r} -> {b!r}" for k, a, b in pairs if not same_setting(a, b)]
+    return differences
+
+
+def same_setting(stored: Any, configured: Any) -> bool:
+    """Equal settings, tuples and lists alike, floats to rounding."""
+    if isinstance(stored, dict) and isinstance(configured, dict):
+        return stored.keys() == configured.keys() and all(
+            same_setting(stored[k], configured[k]) for k in stored
+        )
+    if isinstance(stored, list | tuple) and isinstance(configured, list | tuple):
+        return len(stored) == len(configured) and all(
+            same_setting(a, b) for a, b in zip(stored, configured, strict=True)
+        )
+    if isinstance(stored, bool) or isinstance(configured, bool):
+        return stored == configured
+    if isinstance(stored, int | float) and isinstance(configured, int | float):
+        return math.isclose(stored, configured, rel_tol=1e-9, abs_tol=0.0)
+    return stored == configured
