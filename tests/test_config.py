@@ -278,6 +278,20 @@ def test_defaults_are_the_study_unweighted_setup(compose_config):
         assert default[key] == preset[key], key
 
 
+def test_an_evaluation_into_a_training_run_folder_is_refused_before_writing(
+    compose_config, tmp_path
+):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "run_status.json").write_text('{"status": "completed"}')
+    cfg = compose_config("ckpt_path=last", f"paths.output_dir={run_dir}", config_name="eval")
+    from pneumonia.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{run_dir} holds a training run"):
+        run(cfg)
+    assert (run_dir / "run_status.json").read_text() == '{"status": "completed"}'
+
+
 def test_eval_config_needs_a_checkpoint_and_tests_every_image_of_a_one_class_folder(
     compose_config, unbalanced_root
 ):

@@ -257,6 +257,17 @@ def test_one_file_a_list_and_a_custom_output(predict, ckpt, folder, tmp_path):
     assert [row["path"] for row in unreadable] == [str(folder / "missing.png")]
     assert "No such file" in unreadable[0]["reason"]
     assert not (run / "predictions.csv").exists()
+    predict(f"ckpt_path={ckpt}", f"images={one}", f"output={output}")  # its own CSV: replaced
+    assert len(read_csv(output)[1]) == 1
+
+
+def test_an_output_that_is_some_other_file_is_left_alone(predict, ckpt, folder, tmp_path):
+    split = tmp_path / "run" / "split.csv"
+    split.parent.mkdir()
+    split.write_text("path,split,label\nNORMAL/a.jpeg,train,0\n")
+    with pytest.raises(ConfigError, match=f"output={split} exists and is not a predictions CSV"):
+        predict(f"ckpt_path={ckpt}", f"images={folder}", f"output={split}")
+    assert split.read_text() == "path,split,label\nNORMAL/a.jpeg,train,0\n"
 
 
 def test_missing_or_empty_inputs_are_clear_errors(tmp_path):

@@ -111,6 +111,11 @@ def check_predict_config(cfg: DictConfig) -> None:
     output = cfg.get("output")
     if output is not None and Path(str(output)).expanduser().is_dir():
         raise ConfigError(f"output={output} is a folder; pass output=<file.csv>")
+    if output is not None and not _is_replaceable(Path(str(output)).expanduser()):
+        raise ConfigError(
+            f"output={output} exists and is not a predictions CSV that predict.py wrote (its "
+            f"header is not {','.join(COLUMNS)}...); it is left alone: pass another output=<file.csv>"
+        )
     if output is not None and Path(str(output)).suffix.lower() != ".csv":
         # Never overwrite a checkpoint, an image or anything else that is not a table.
         raise ConfigError(f"output={output} must be a .csv file; pass output=<file.csv>")
@@ -207,6 +212,21 @@ def score_images(
 
 
 # ----- the task --------------------------------------------------------------------------------
+def _is_replaceable(path: Path) -> bool:
+    """Whether ``output=path`` may be written: a new file, or an earlier predictions CSV (whose
+    header starts with ``COLUMNS``), never another file such as a run's ``split.csv``."""
+    if not path.exists():
+        return True
+    if not path.is_file():
+        return False
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            header = next(csv.reader(file), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return tuple(header[: len(COLUMNS)]) == COLUMNS
+
+
 def output_paths(cfg: DictConfig) -> tuple[Path, Path]:
     """The predictions CSV and the ``unreadable.csv`` beside it.
 

@@ -83,6 +83,14 @@ def run(cfg: DictConfig) -> float | None:
         if finished is not None:
             return finished.get("score")
         cfg = _resume_if_interrupted(cfg, output_dir)
+    if not cfg.get("fit", True) and (output_dir / "checkpoints").is_dir():
+        # Before RunRecord, which would replace the training run's run_status.json.
+        raise ConfigError(
+            f"{output_dir} holds a training run (it has checkpoints/); an evaluation writes its own "
+            "test_metrics.json and run_status.json and would replace that run's. Leave run_dir "
+            "unset (outputs/evals/<time>) or name a new folder, and pass the run as "
+            f"ckpt_path={output_dir}"
+        )
     record = RunRecord(cfg, output_dir, overrides)
     try:
         check_train_config(cfg)
