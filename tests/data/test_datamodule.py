@@ -107,6 +107,9 @@ def test_bad_settings_are_named(small_root, cache_dir):
         _datamodule(small_root, cache_dir, group_by="person")
     with pytest.raises(ValueError, match="image_size=16"):
         _datamodule(small_root, cache_dir, image_size=16)
+    for batch_size in (0, -4, 2.5):
+        with pytest.raises(ValueError, match=f"data.batch_size={batch_size!r} must be a whole"):
+            _datamodule(small_root, cache_dir, batch_size=batch_size)
     for seed in (-1, 2**32, 1.5, "7"):
         with pytest.raises(ValueError, match=f"data.seed={seed!r} must be a whole number"):
             _datamodule(small_root, cache_dir, seed=seed)

@@ -157,3 +157,11 @@ def test_other_class_weights_are_refused_naming_both():
     with pytest.raises(CheckpointError, match=r"class weights \[1.0, 1.0\] .* \[1.9437, 0.673\]"):
         point.check_same_class_weights([1.94367, 0.67302])
     ResumePoint(Path("/x.ckpt"), SAVED, 1, 0).check_same_class_weights([2.0, 0.5])  # unrecorded
+
+
+@pytest.mark.parametrize(("key", "value"), [("global_step", "abc"), ("epoch", -1), ("epoch", 1.5)])
+def test_a_checkpoint_with_counters_that_are_not_counts_is_refused(tmp_path, key, value):
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {}}, key: value}, path)
+    with pytest.raises(CheckpointError, match=f"{path} records {key}={value!r}, not a count"):
+        ResumePoint.read(path)

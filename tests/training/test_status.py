@@ -55,7 +55,8 @@ def test_an_unreadable_status_reads_as_none(tmp_path, content):
 def test_metric_modes_and_error_lines():
     assert metric_mode("val/loss") == metric_mode("test/ece") == "min"
     assert metric_mode("external/x/auroc") == metric_mode("shift/robustness") == "max"
-    assert error_line(KeyboardInterrupt()) == "KeyboardInterrupt"
+    assert error_line(KeyboardInterrupt()) == "stopped by Ctrl-C or a signal (KeyboardInterrupt)"
+    assert error_line(SystemExit(1)) == "stopped by Ctrl-C or a signal (SystemExit)"
 
 
 def test_updates_record_the_time_so_far_and_a_resume_in_place_adds_to_it(tmp_path):

@@ -151,6 +151,12 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
         self.root = Path(root).expanduser()
         self.image_size = check_image_size(image_size, "data.image_size")
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1
+        ):
+            raise ValueError(f"data.batch_size={batch_size!r} must be a whole number of at least 1")
         self.batch_size = int(batch_size)
         self.split_fractions = check_fractions(split_fractions)
         self.group_by = group_by

@@ -67,11 +67,17 @@ class ResumePoint:
     def read(cls, path: str | Path) -> ResumePoint:
         """Read a checkpoint safely (see :func:`~pneumonia.training.checkpoints.read_checkpoint`)."""
         checkpoint = read_checkpoint(path)
+        counters = {key: checkpoint.get(key, 0) for key in ("global_step", "epoch")}
+        for key, value in counters.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(
+                    f"{path} records {key}={value!r}, not a count; it was not written by train.py"
+                )
         return cls(
             Path(path),
             checkpoint["hyper_parameters"],
-            int(checkpoint.get("global_step", 0)),
-            int(checkpoint.get("epoch", 0)),
+            counters["global_step"],
+            counters["epoch"],
             checkpoint.get("optimizer_states"),
         )
 

@@ -37,6 +37,9 @@ def metric_mode(metric: str) -> str:
 
 def error_line(error: BaseException) -> str:
     """``<type>: <first line of the message>``, what a table of runs has room for."""
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown.
+        return f"stopped by Ctrl-C or a signal ({type(error).__name__})"
     message = str(error).strip().splitlines()
     return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
 
