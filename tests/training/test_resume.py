@@ -122,15 +122,18 @@ def _set(path, value):
 
 @pytest.mark.parametrize(
     ("tamper", "message"),
-    [(_set(["state", 0, "exp_avg"], lambda t: t[:1]), r"exp_avg of shape \(1, 1, 3, 3\) for parameter 0 of shape \(2, 1, 3, 3\)"),
-     (_set(["state", 1, "exp_avg_sq"], lambda t: t * float("nan")), "NaN or infinite exp_avg_sq for parameter 1"),
+    [(_set(["state", 0, "exp_avg"], lambda t: t[:1]), r"exp_avg for parameter 0 of shape \(1, 1, 3, 3\), but the parameter\'s is \(2, 1, 3, 3\)"),
+     (_set(["state", 1, "exp_avg_sq"], lambda t: t * float("nan")), "exp_avg_sq for parameter 1: NaN or infinite"),
      (_set(["param_groups", 0, "params"], [0, 1, 2]), "covers 3 parameters, but the model has 4"),
      (_set(["param_groups", 0, "weight_decay"], 0.5), r"weight_decay=0.5, but the run configures optimizer.weight_decay=0.0001"),
      (_set(["param_groups", 0, "lr"], 10.0), r"lr=10.0, but the run configures optimizer.lr=0.001"),
      (_set(["param_groups", 0, "betas"], (0.5, 0.5)), "betas="),
-     (_set(["state", 0, "exp_avg_sq"], lambda t: -t - 1), "negative exp_avg_sq for parameter 0"),
-     (_set(["state", 1, "step"], lambda t: t * 0 - 1), "negative step for parameter 1"),
-     (_set(["state", 2, "exp_avg"], lambda t: t.to(torch.complex64)), "complex64 exp_avg")],
+     (_set(["state", 0, "exp_avg_sq"], lambda t: -t - 1), "exp_avg_sq for parameter 0: negative values"),
+     (_set(["state", 1, "step"], lambda t: t * 0 - 1), "step for parameter 1: negative values"),
+     (_set(["state", 2, "exp_avg"], lambda t: t.to(torch.complex64)), "exp_avg for parameter 2: a torch.complex64"),
+     # A stride-0 view claiming 2e9 values: refused by its shape before any value is read.
+     (_set(["state", 0, "exp_avg_sq"], torch.zeros(1).as_strided((50_000, 40_000), (0, 0))),
+      r"exp_avg_sq for parameter 0 of shape \(50000, 40000\)")],
 )  # fmt: skip
 def test_optimizer_state_that_does_not_fit_the_run_is_refused_naming_it(tmp_path, tamper, message):
     point, parameters, config = _optimizer_point(tmp_path, tamper)

@@ -157,28 +157,8 @@ class ResumePoint:
         for index, values in state.items():
             shape = tuple(parameters[index].shape) if index in range(len(parameters)) else None
             for name, value in values.items() if isinstance(values, dict) else ():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if value.is_complex() or value.layout != torch.strided:
-                    raise CheckpointError(f"{where} holds a {value.dtype} {name}: not real values")
-                if not value.is_floating_point():
-                    continue
-                # Second moments and step counts are never negative: Adam would take their root.
-                if (name == "step" or name.endswith("_sq")) and bool((value < 0).any()):
-                    raise CheckpointError(
-                        f"{where} holds a negative {name} for parameter {index}, which no "
-                        "optimizer step produces"
-                    )
-                if value.dim() > 0 and tuple(value.shape) != shape:
-                    raise CheckpointError(
-                        f"{where} holds {name} of shape {tuple(value.shape)} for parameter "
-                        f"{index} of shape {shape}"
-                    )
-                if not bool(torch.isfinite(value).all()):
-                    raise CheckpointError(
-                        f"{where} holds NaN or infinite {name} for parameter {index}; resuming "
-                        "would turn the weights NaN at the first step"
-                    )
+                if isinstance(value, torch.Tensor):
+                    _check_moment(f"{where} holds {name} for parameter {index}", name, value, shape)
         ignored = {"_target_", "params", "fused", "foreach"} | ({"lr"} if scheduled else set())
         for key, configured in {**_defaults(optimizer.get(TARGET)), **optimizer}.items():
             if key in ignored:
@@ -221,6 +201,26 @@ class ResumePoint:
         # The checkpoint holds everything logged up to step G-1 (its validation too); the first
         # batch after it logs at step G, which a killed process may have logged.
         continue_logs(loggers, self.global_step - 1)
+
+
+def _check_moment(what: str, name: str, value: torch.Tensor, shape: tuple | None) -> None:
+    """One tensor of an optimizer's per-parameter state: real, of the parameter's shape (checked
+    before any value is read), finite, and never negative where no step makes it so."""
+    if value.is_complex() or value.layout != torch.strided:
+        raise CheckpointError(f"{what}: a {value.dtype} {value.layout} tensor, not real values")
+    if not value.is_floating_point():
+        return
+    if value.dim() > 0 and tuple(value.shape) != shape:
+        raise CheckpointError(
+            f"{what} of shape {tuple(value.shape)}, but the parameter's is {shape}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise CheckpointError(
+            f"{what}: NaN or infinite values; resuming would turn the weights NaN at the first step"
+        )
+    # Second moments and step counts are never negative: Adam takes the root of the former.
+    if (name == "step" or name.endswith("_sq")) and bool((value < 0).any()):
+        raise CheckpointError(f"{what}: negative values, which no optimizer step produces")
 
 
 def _rounded(weights: Sequence[float]) -> list[float]:
