@@ -26,9 +26,14 @@ MAX_IMAGE_SIZE = 1024
 from a checkpoint, would exhaust memory instead of training; the X-rays themselves are 1-3 k px."""
 
 
+def is_whole_number(value: object) -> bool:
+    """An integer (Python's or numpy's), and not a bool, which Python counts as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_image_size(image_size: object, key: str = "image_size") -> int:
     """``image_size`` as an int, or ValueError naming ``key`` and the supported range."""
-    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
+    if not is_whole_number(image_size):
         raise ValueError(f"{key}={image_size!r} must be a whole number of pixels")
     image_size = int(image_size)
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:

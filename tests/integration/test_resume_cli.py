@@ -26,6 +26,24 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 20
 
 
+def _resume_copy(run_dir, data_root, cache_dir, *overrides: str):
+    """Resume a copy of the short run in place, two epochs in all; the result, unchecked."""
+    return train(
+        f"data.root={data_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
+        f"run_dir={run_dir}", "ckpt_path=last", *overrides, cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+
+
+def _tampered_copy(short_run, tmp_path, tamper) -> tuple:
+    """A copy of the short run whose ``last.ckpt`` ``tamper(checkpoint)`` changed."""
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    tamper(checkpoint)
+    torch.save(checkpoint, last)
+    return run_dir, last, checkpoint
+
+
 def _loadable_epoch(path) -> int | None:
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
@@ -112,10 +130,7 @@ def test_a_resume_that_would_change_the_split_is_refused(
 ):
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     split_before = (run_dir / "split.csv").read_bytes()
-    result = train(
-        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
-        f"run_dir={run_dir}", "ckpt_path=last", override, cache_dir=cache_dir, check=False,
-    )  # fmt: skip
+    result = _resume_copy(run_dir, small_root, cache_dir, override)
     assert result.returncode != 0
     assert "SplitChangedError" in result.stderr and named in result.stderr
     assert (run_dir / "split.csv").read_bytes() == split_before
@@ -124,15 +139,12 @@ def test_a_resume_that_would_change_the_split_is_refused(
 def test_a_resume_with_tampered_optimizer_state_is_refused_before_training(
     short_run, small_root, cache_dir, tmp_path
 ):
-    run_dir = shutil.copytree(short_run, tmp_path / "run")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=True)
-    checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] = 0.5
-    torch.save(checkpoint, last)
-    result = train(
-        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
-        f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir, check=False,
-    )  # fmt: skip
+    run_dir, last, checkpoint = _tampered_copy(
+        short_run,
+        tmp_path,
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(weight_decay=0.5),
+    )
+    result = _resume_copy(run_dir, small_root, cache_dir)
     assert result.returncode != 0
     assert f"{last}'s optimizer state has weight_decay=0.5" in result.stderr
     assert torch.load(last, weights_only=True)["epoch"] == checkpoint["epoch"]  # not trained on
@@ -140,15 +152,10 @@ def test_a_resume_with_tampered_optimizer_state_is_refused_before_training(
 
 def test_a_resume_with_other_class_weights_is_refused(short_run, small_root, cache_dir, tmp_path):
     # small_root is balanced, so balanced weighting gives (1, 1) too: the record says otherwise.
-    run_dir = shutil.copytree(short_run, tmp_path / "run")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=True)
-    checkpoint["hyper_parameters"]["class_weights"] = [2.0, 0.5]
-    torch.save(checkpoint, last)
-    result = train(
-        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
-        f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir, check=False,
-    )  # fmt: skip
+    run_dir, _, _ = _tampered_copy(
+        short_run, tmp_path, lambda c: c["hyper_parameters"].update(class_weights=[2.0, 0.5])
+    )
+    result = _resume_copy(run_dir, small_root, cache_dir)
     assert result.returncode != 0
     assert "was trained with class weights [2.0, 0.5]" in result.stderr
     assert "would weigh the loss [1.0, 1.0]" in result.stderr
@@ -158,10 +165,7 @@ def test_a_resume_on_another_file_list_is_refused(short_run, small_root, cache_d
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     root = shutil.copytree(small_root, tmp_path / "root", symlinks=True)
     next((root / "train" / "NORMAL").iterdir()).unlink()
-    result = train(
-        f"data.root={root}", "image_size=64", "debug=limit", "trainer.max_epochs=2",
-        f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir, check=False,
-    )  # fmt: skip
+    result = _resume_copy(run_dir, root, cache_dir)
     assert result.returncode != 0
     assert f"data.root: '{small_root}' -> '{root}'" in result.stderr
     assert "number of images found: 120 -> 119" in result.stderr

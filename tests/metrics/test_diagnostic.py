@@ -66,7 +66,7 @@ def test_single_class_gives_nan_auroc_not_a_crash():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_every_metric_of_one_class_stays_on_the_metrics_device():
+def test_every_metric_of_one_class_stays_on_the_cuda_device():
     # DDP on NCCL all-reduces logged metrics: a CPU tensor among CUDA ones fails there.
     metrics = DiagnosticMetrics().to("cuda")
     metrics.update(torch.tensor([0.2, 0.9], device="cuda"), torch.tensor([1, 1], device="cuda"))

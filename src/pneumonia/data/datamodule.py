@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from pneumonia import CLASS_NAMES, check_image_size
+from pneumonia import CLASS_NAMES, check_image_size, is_whole_number
 from pneumonia.data.cache import CachedImages, build_or_load
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
@@ -151,20 +150,12 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
         self.root = Path(root).expanduser()
         self.image_size = check_image_size(image_size, "data.image_size")
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, numbers.Integral)
-            or batch_size < 1
-        ):
+        if not is_whole_number(batch_size) or batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size!r} must be a whole number of at least 1")
         self.batch_size = int(batch_size)
         self.split_fractions = check_fractions(split_fractions)
         self.group_by = group_by
-        if (
-            isinstance(seed, bool)
-            or not isinstance(seed, numbers.Integral)
-            or not 0 <= seed < 2**32
-        ):
+        if not is_whole_number(seed) or not 0 <= seed < 2**32:
             raise ValueError(f"data.seed={seed!r} must be a whole number from 0 to 2**32 - 1")
         self.seed = int(seed)
         self.class_weighting = class_weighting or no_class_weights

@@ -69,6 +69,10 @@ def _fallback_reason(p: np.ndarray, y: np.ndarray) -> str | None:
     return None
 
 
+def _warn_fallback(rule: str, reason: str, threshold: float) -> None:
+    log.warning("%s: %s; using threshold %s", rule, reason, threshold)
+
+
 def _check_fraction(name: str, value: Any, low_open: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -118,7 +122,7 @@ class ThresholdRule:
         """The threshold in [0, 1] for ``probabilities`` of PNEUMONIA with labels ``targets``."""
         threshold, reason = self.choose_explained(probabilities, targets)
         if reason is not None:
-            log.warning("%s: %s; using threshold %s", self.describe(), reason, threshold)
+            _warn_fallback(self.describe(), reason, threshold)
         return threshold
 
     def choose_explained(
@@ -237,6 +241,6 @@ def choose_threshold(
     threshold, reason = rule.choose_explained(probabilities, targets)
     description = rule.describe()
     if reason is not None:
-        log.warning("%s: %s; using threshold %s", description, reason, threshold)
+        _warn_fallback(description, reason, threshold)
         description += f" (fell back to {threshold}: {reason})"
     return float(threshold), description

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from pneumonia import CLASS_NAMES
+from pneumonia import CLASS_NAMES, is_whole_number
 from pneumonia.config import check_ckpt_path, check_threshold_override
 from pneumonia.data.image_io import load_grayscale
 from pneumonia.devices import resolve_device
@@ -98,10 +98,10 @@ def check_predict_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "images") or cfg.get("images") in (None, ""):
         raise ConfigError(f"images is required; {WHAT_TO_PASS.removeprefix('pass ')}")
     batch_size = cfg.get("batch_size")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_whole_number(batch_size) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a whole number of at least 1")
     workers = cfg.get("num_workers")
-    if workers is not None and (not _is_int(workers) or workers < 0):
+    if workers is not None and (not is_whole_number(workers) or workers < 0):
         raise ConfigError(
             f"num_workers={workers!r} must be a whole number of at least 0 (0: decode in the main "
             f"thread) or null ({DEFAULT_WORKERS} threads at most)"
@@ -119,10 +119,6 @@ def check_predict_config(cfg: DictConfig) -> None:
     if output is not None and Path(str(output)).suffix.lower() != ".csv":
         # Never overwrite a checkpoint, an image or anything else that is not a table.
         raise ConfigError(f"output={output} must be a .csv file; pass output=<file.csv>")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def format_threshold(threshold: float) -> str:

@@ -25,6 +25,11 @@ LAST = "last"
 log = logging.getLogger(__name__)
 
 
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies below ``folder``, links and ``..`` resolved."""
+    return Path(folder).resolve() in Path(path).expanduser().resolve().parents
+
+
 def _model_checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The ModelCheckpoint callback's saved state in a checkpoint file (empty if it has none)."""
     callbacks = read_checkpoint(path).get("callbacks")

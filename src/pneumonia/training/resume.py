@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from pneumonia import is_whole_number
 from pneumonia.errors import CheckpointError, SplitChangedError
 from pneumonia.model.classifier import DEFAULT_NORMALIZATION
 from pneumonia.model.registry import OPTIMIZERS, TARGET
-from pneumonia.training.checkpoints import read_checkpoint
+from pneumonia.training.checkpoints import is_inside, read_checkpoint
 from pneumonia.training.loggers import continue_logs
 from pneumonia.training.schedulers import same_setting
 
@@ -69,15 +70,15 @@ class ResumePoint:
         checkpoint = read_checkpoint(path)
         counters = {key: checkpoint.get(key, 0) for key in ("global_step", "epoch")}
         for key, value in counters.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_whole_number(value) or value < 0:
                 raise CheckpointError(
                     f"{path} records {key}={value!r}, not a count; it was not written by train.py"
                 )
         return cls(
             Path(path),
             checkpoint["hyper_parameters"],
-            counters["global_step"],
-            counters["epoch"],
+            int(counters["global_step"]),
+            int(counters["epoch"]),
             checkpoint.get("optimizer_states"),
         )
 
@@ -194,7 +195,7 @@ class ResumePoint:
 
     def is_in(self, output_dir: str | Path) -> bool:
         """Whether the checkpoint belongs to the run folder ``output_dir`` (a resume in place)."""
-        return Path(output_dir).resolve() in self.path.resolve().parents
+        return is_inside(self.path, output_dir)
 
     def continue_logs(self, loggers: Iterable[Any]) -> None:
         """Tell loggers that can continue a history to drop what was logged after this point."""

@@ -37,6 +37,7 @@ from pneumonia.model.classifier import XrayClassifier, to_plain
 from pneumonia.training.callbacks import BestEpochMetrics, StatusProgress, StopOnDivergence
 from pneumonia.training.checkpoints import (
     LAST,
+    is_inside,
     read_checkpoint,
     read_hyperparameters,
     recorded_score,
@@ -226,8 +227,8 @@ def _resumes_in_place(cfg: DictConfig, output_dir: Path) -> bool:
         return False
     if str(ckpt_path) == LAST:
         return True
-    path, folder = Path(str(ckpt_path)).expanduser().resolve(), output_dir.resolve()
-    return path == folder or folder in path.parents
+    path = Path(str(ckpt_path)).expanduser()
+    return path.resolve() == output_dir.resolve() or is_inside(path, output_dir)
 
 
 def _reported_metric(cfg: DictConfig) -> str:

@@ -70,6 +70,7 @@ class RunStatus:
         spent = earlier.get("wall_time_s")
         self._earlier_seconds = float(spent) if isinstance(spent, int | float) else 0.0
         attempts = earlier.get("attempts")
+        earlier_attempts = attempts if isinstance(attempts, int) else 1
         self.record: dict[str, Any] = {
             "status": RUNNING,
             "error": None,
@@ -80,7 +81,7 @@ class RunStatus:
             "started": earlier.get("started") or _now(),
             "finished": None,
             "wall_time_s": None,
-            "attempts": (attempts if isinstance(attempts, int) else 1) + 1 if earlier else 1,
+            "attempts": earlier_attempts + 1 if earlier else 1,
             "epochs": None,
             "global_step": None,
             "best_epoch": None,

@@ -79,17 +79,17 @@ def find_layer(model: nn.Module, name: str | None) -> nn.Module:
     if not name and isinstance(preferred, nn.Module):
         return preferred
     if name:
-        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        # The convolutions' names are listed only when an error needs them.
         try:
             layer = model.get_submodule(name)
         except AttributeError as err:
             raise ValueError(
-                f"layer {name!r} is not in the model; convolutions are {convs}"
+                f"layer {name!r} is not in the model; convolutions are {_convolution_names(model)}"
             ) from err
         if isinstance(network, nn.Module) and not any(m is layer for m in network.modules()):
             raise ValueError(
                 f"layer {name!r} is not part of the network (net); Grad-CAM needs one of its "
-                f"layers, e.g. a convolution: {convs}"
+                f"layers, e.g. a convolution: {_convolution_names(model)}"
             )
         return layer
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -98,6 +98,15 @@ def find_layer(model: nn.Module, name: str | None) -> nn.Module:
             "the model has no Conv2d layer for Grad-CAM; name one with layer=<module path>"
         )
     return convs[-1]
+
+
+def _convolution_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def layer_not_called(layer: str | None) -> ValueError:
+    """The error for a Grad-CAM layer the forward pass never ran (its hooks saw nothing)."""
+    return ValueError(f"layer {layer!r} was not called by the model's forward pass")
 
 
 def check_feature_map(layer: str | None, output: object) -> None:

@@ -6,7 +6,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from pneumonia.explain.methods.common import check_feature_map, find_layer
+from pneumonia.explain.methods.common import check_feature_map, find_layer, layer_not_called
 
 
 def gradcam(
@@ -36,7 +36,7 @@ def gradcam(
     except AssertionError as err:  # Captum's when the layer never ran
         if called:
             raise
-        raise ValueError(f"layer {layer!r} was not called by the model's forward pass") from err
+        raise layer_not_called(layer) from err
     finally:
         handle.remove()
     return LayerAttribution.interpolate(cam, tuple(images.shape[-2:]), interpolate_mode)

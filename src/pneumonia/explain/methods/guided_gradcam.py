@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from captum.attr import GuidedGradCam, LayerAttribution
 from torch import nn
 
-from pneumonia.explain.methods.common import check_feature_map, find_layer
+from pneumonia.explain.methods.common import check_feature_map, find_layer, layer_not_called
 from pneumonia.explain.methods.guided_backprop import GUIDED_ACTIVATIONS, LeakyGuidedBackprop
 
 
@@ -105,7 +105,7 @@ def guided_gradcam(
     with _hooked(model, target_layer) as (switch, captured):
         scores = model(images)
         if not captured:
-            raise ValueError(f"layer {layer!r} was not called by the model's forward pass")
+            raise layer_not_called(layer)
         activation = captured[-1]
         check_feature_map(layer, activation)
         if not activation.requires_grad:
