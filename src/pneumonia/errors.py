@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hydra.errors import CompactHydraException
+
 
 class CheckpointError(ValueError):
     """A checkpoint path that does not lead to a loadable, trustworthy pneumonia checkpoint."""
@@ -25,3 +27,11 @@ class SplitChangedError(ValueError):
 
 class NonFiniteOutputError(RuntimeError):
     """A network whose outputs are NaN or infinite: its metrics would mean nothing."""
+
+
+class SweepError(CompactHydraException):
+    """A search that cannot start, or that ended with no completed trial.
+
+    A :class:`hydra.errors.CompactHydraException`: Hydra prints only its message, not a traceback
+    through its own sweeper code, which would say nothing to the user.
+    """

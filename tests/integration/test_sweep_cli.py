@@ -3,12 +3,15 @@ failed jobs marked, a stopped sweep finished by rerunning it, and one copy of ev
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 
+from pneumonia.sweeps.optuna_study import LOCK_FILE
 from tests.integration.conftest import train
 
 pytestmark = pytest.mark.integration
@@ -134,6 +137,27 @@ def test_a_stopped_optuna_search_continues_where_it_stopped(small_root, cache_di
     jobs = [p for p in (tmp_path / "optuna" / "pneumonia").iterdir() if p.is_dir()]
     assert len(jobs) == 2 and all(p.name.startswith("optimizer=") for p in jobs)
     assert (tmp_path / "optuna" / "pneumonia" / "summary.md").is_file()
+
+
+def test_an_optuna_search_that_cannot_run_or_completes_nothing_says_why(cache_dir, tmp_path):
+    pytest.importorskip("optuna")
+    search = ("hparams_search=optuna", f"paths.log_dir={tmp_path}", f"data.root={tmp_path / 'no'}")
+    lock_dir = tmp_path / "optuna" / "pneumonia"
+    lock_dir.mkdir(parents=True)
+    held = os.open(lock_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as another search of the study holds it
+    try:
+        refused = train(*search, "optuna_trials=1", cache_dir=cache_dir, check=False)
+    finally:
+        os.close(held)
+    assert refused.returncode != 0 and "another Optuna search of study" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "optuna" / "pneumonia.db").exists()  # no trial was started
+
+    failed = train(*search, "optuna_trials=2", cache_dir=cache_dir, check=False)
+    assert failed.returncode != 0
+    assert "has no completed trial: all 2 failed" in failed.stderr, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr and "Record does not exist" not in failed.stderr
 
 
 def test_submitit_local_runs_the_jobs_in_their_folders(small_root, cache_dir, tmp_path):

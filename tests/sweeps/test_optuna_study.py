@@ -1,4 +1,5 @@
-"""An Optuna search's bookkeeping: trials still to run, the seed offset, one search per study."""
+"""An Optuna search's bookkeeping: trials still to run, the seed offset, one search per study, and
+a plain message when no trial completed."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
+from pneumonia.errors import SweepError
 from pneumonia.sweeps.optuna_study import (
     LOCK_FILE,
-    PrepareOptunaStudy,
+    prepare_study,
     remaining_trials,
+    run_search,
     sampler_seed,
 )
 
@@ -38,7 +41,7 @@ def test_finished_trials_count_and_a_killed_one_is_closed(tmp_path):
     study.tell(study.ask(), 0.5)
     study.ask()  # left RUNNING by a killed search
     assert remaining_trials(storage, "s", 5) == 4 and sampler_seed(storage, "s", 42) == 44
-    PrepareOptunaStudy().on_multirun_start(_config(tmp_path / "sweep", storage))
+    prepare_study(_config(tmp_path / "sweep", storage))
     states = [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
     assert states == ["COMPLETE", "FAIL"]
 
@@ -49,8 +52,42 @@ def test_a_second_search_of_a_running_study_is_refused(tmp_path):
     held = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)  # as the other search's process holds it
     try:
-        with pytest.raises(RuntimeError, match="another Optuna search of study 's'"):
-            PrepareOptunaStudy().on_multirun_start(_config(sweep_dir))
+        with pytest.raises(SweepError, match="another Optuna search of study 's'"):
+            prepare_study(_config(sweep_dir))
     finally:
         os.close(held)
-    PrepareOptunaStudy().on_multirun_start(_config(sweep_dir))  # free again
+    prepare_study(_config(sweep_dir))  # free again
+
+
+def _optuna_best_trial_fails():
+    raise ValueError("Record does not exist.")  # what Hydra's sweeper gets from study.best_trial
+
+
+def test_a_search_whose_trials_all_failed_says_so_and_where_the_errors_are(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    for _ in range(2):
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    with pytest.raises(SweepError, match=r"no completed trial: all 2 failed.*sweep/summary.md"):
+        run_search(_optuna_best_trial_fails, _config(tmp_path / "sweep", storage))
+
+
+def test_other_errors_of_a_search_are_not_reworded(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.tell(study.ask(), 0.5)  # one trial completed: the error is about something else
+    with pytest.raises(ValueError, match="Record does not exist"):
+        run_search(_optuna_best_trial_fails, _config(tmp_path / "sweep", storage))
+    with pytest.raises(ValueError, match="Record does not exist"):  # in memory: nothing to ask
+        run_search(_optuna_best_trial_fails, _config(tmp_path / "sweep2"))
+
+
+def test_hydra_finds_the_searchs_sweeper_among_its_plugins():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    names = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)}
+    assert "hydra_plugins.pneumonia_optuna.GuardedOptunaSweeper" in names

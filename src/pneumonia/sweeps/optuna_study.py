@@ -10,10 +10,12 @@ mid-run stays ``RUNNING`` in the study for ever. Here:
 - :func:`sampler_seed` (``${pneumonia.optuna_seed:...}``) offsets the sampler's seed by the trials
   the study already has: a seeded sampler starts afresh on every invocation, and would otherwise
   propose the first run's points again;
-- :class:`PrepareOptunaStudy` (a Hydra callback) creates the database's folder and the sweep
-  folder, refuses to start while another search of the same study runs (a lock in the sweep
-  folder, held until the search's process ends), and marks trials left ``RUNNING`` by a killed
-  search as failed, so the sampler does not wait on them.
+- :func:`run_search` (what the preset's sweeper, ``hydra_plugins.pneumonia_optuna``, runs)
+  creates the database's folder and the sweep folder, refuses to start while another search of
+  the same study runs (a lock in the sweep folder, held until the search's process ends), marks
+  trials left ``RUNNING`` by a killed search as failed, so the sampler does not wait on them, and
+  says plainly when no trial of the study completed. It is a sweeper and not a Hydra callback
+  because Hydra turns an exception in a callback into a warning and goes on.
 
 Optuna is imported only when a search runs (it is in the ``sweep`` extra).
 """
@@ -23,11 +25,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from pneumonia.errors import SweepError
 
 log = logging.getLogger("pneumonia")
 SQLITE = "sqlite:///"
@@ -78,44 +82,77 @@ def _database_exists(storage: str) -> bool:
     return True  # a database server: ask it
 
 
-class PrepareOptunaStudy(Callback):
-    """Before an Optuna search: its folders exist and no trial of a killed search stays running."""
+def run_search(sweep: Callable[[], None], config: DictConfig) -> None:
+    """Prepare the study of ``config.hydra.sweeper``, then ``sweep()``; say so if no trial completed.
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweeper = config.hydra.sweeper
-        # The sweeper writes optimization_results.yaml there even when no trial remains.
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        _lock(sweep_dir, str(sweeper.study_name))
-        storage = sweeper.get("storage")
-        if not storage:
-            return
-        storage = str(storage)
-        if storage.startswith(SQLITE):
-            Path(storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
-        study = _load(storage, sweeper.study_name)
-        if study is None:
-            return
-        import optuna
+    Called by the ``hparams_search=optuna`` sweeper (``hydra_plugins.pneumonia_optuna``) with
+    Hydra's own Optuna sweep. It ends the way Hydra's does, except that a search whose trials all
+    failed raises :class:`~pneumonia.errors.SweepError` naming the summary, where Optuna's
+    ``study.best_trial`` would say only "Record does not exist".
+    """
+    sweeper = config.hydra.sweeper
+    storage = prepare_study(config)
+    try:
+        sweep()
+    except ValueError:
+        study = _load(storage, sweeper.study_name) if storage else None
+        if study is None or _count(study, "COMPLETE"):
+            raise
+        summary = Path(str(config.hydra.sweep.dir)) / "summary.md"
+        raise SweepError(
+            f"Optuna study {str(sweeper.study_name)!r} has no completed trial: all "
+            f"{len(study.get_trials(deepcopy=False))} failed. Each trial's error is in {summary} "
+            "and in its folder's debug.log. Fix the cause and rerun the same command: failed "
+            "trials do not count towards optuna_trials."
+        ) from None
 
-        stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        for trial in stale:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        if stale:
-            log.warning(
-                "marked %d trial(s) of study %r failed: a stopped search left them running (%s)",
-                len(stale),
-                str(sweeper.study_name),
-                ", ".join(str(t.number) for t in stale),
-            )
-        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        log.info(
-            "Optuna study %r in %s: %d trial(s) complete, %s to run",
+
+def prepare_study(config: DictConfig) -> str | None:
+    """Before a search: its folders exist, no other search of the study runs, no trial stays running.
+
+    Returns the study's storage (None for an in-memory study). Raises :class:`SweepError` when
+    another search of the same study holds its lock.
+    """
+    sweeper = config.hydra.sweeper
+    # The sweeper writes optimization_results.yaml there even when no trial remains.
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _lock(sweep_dir, str(sweeper.study_name))
+    storage = sweeper.get("storage")
+    if not storage:
+        return None
+    storage = str(storage)
+    if storage.startswith(SQLITE):
+        Path(storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
+    study = _load(storage, sweeper.study_name)
+    if study is None:
+        return storage
+    import optuna
+
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    if stale:
+        log.warning(
+            "marked %d trial(s) of study %r failed: a stopped search left them running (%s)",
+            len(stale),
             str(sweeper.study_name),
-            storage,
-            done,
-            sweeper.n_trials,
+            ", ".join(str(t.number) for t in stale),
         )
+    log.info(
+        "Optuna study %r in %s: %d trial(s) complete, %s to run",
+        str(sweeper.study_name),
+        storage,
+        _count(study, "COMPLETE"),
+        sweeper.n_trials,
+    )
+    return storage
+
+
+def _count(study: Any, state: str) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState[state],)))
 
 
 def _lock(sweep_dir: Path, study_name: str) -> None:
@@ -128,7 +165,7 @@ def _lock(sweep_dir: Path, study_name: str) -> None:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(descriptor)
-        raise RuntimeError(
+        raise SweepError(
             f"another Optuna search of study {study_name!r} is running (it holds {path}); wait "
             "for it, or give this search another hydra.sweeper.study_name"
         ) from None
