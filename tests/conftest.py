@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,21 @@ def copy_image(source: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, dest)
     return dest
+
+
+@contextmanager
+def run_folder_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``folder``'s run lock (as an orphaned sweep worker does); killed
+    on leaving."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; "
+         "from pneumonia.training.status import hold_run_folder\n"
+         f"with hold_run_folder(Path({str(folder)!r})):\n print('held', flush=True); time.sleep(300)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -88,7 +88,14 @@ def test_a_presets_sweeper_params_name_the_job_too(tmp_path):
         tmp_path, ["image_size=64", "class_weighting=none", "seed=2"], ["seed=1,2"],
         params={"image_size": "64,128", "class_weighting": "none,balanced"},
     )  # fmt: skip
-    assert job_dirname(0, _root_=root) == "image_size=64,class_weighting=none,seed=2"
+    assert job_dirname(0, _root_=root) == "class_weighting=none,image_size=64,seed=2"
+
+
+def test_a_job_typed_in_another_order_gets_the_same_folder(tmp_path):
+    # -m optimizer=adam,sgd seed=1,2 rerun as -m seed=1,2 optimizer=adam,sgd: the same four jobs.
+    first = _sweep_root(tmp_path, ["optimizer=sgd", "seed=2"], ["optimizer=adam,sgd", "seed=1,2"])
+    again = _sweep_root(tmp_path, ["seed=2", "optimizer=sgd"], ["seed=1,2", "optimizer=adam,sgd"])
+    assert job_dirname(0, _root_=first) == job_dirname(0, _root_=again) == "optimizer=sgd,seed=2"
 
 
 def test_without_a_sweep_record_every_override_names_the_job_safely(tmp_path):

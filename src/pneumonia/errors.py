@@ -35,3 +35,7 @@ class SweepError(CompactHydraException):
     A :class:`hydra.errors.CompactHydraException`: Hydra prints only its message, not a traceback
     through its own sweeper code, which would say nothing to the user.
     """
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another live process is working in the run folder (its lock is held)."""

@@ -53,7 +53,7 @@ MAX_JOB_DIRNAME = 120
 
 
 def job_dirname(job_num: int | str, *, _root_: DictConfig) -> str:
-    """A sweep job's folder name: the values it sweeps (``optimizer=sgd,optimizer.lr=0.01``).
+    """A sweep job's folder name: the values it sweeps (``optimizer=sgd,optimizer.lr=0.01``), by key.
 
     The swept keys are those of ``hydra.sweeper.params`` and the command line's sweep overrides
     (``optimizer=adam,sgd``, read from the sweep's ``multirun.yaml``); a value given to every job
@@ -72,7 +72,8 @@ def job_dirname(job_num: int | str, *, _root_: DictConfig) -> str:
         # A swept key names the job even if it is one that never names a job otherwise (data.root).
         if (key in swept) if swept is not None else (key not in excluded):
             chosen.append(override)
-    joined = ",".join(chosen).strip()
+    # Sorted by key: the same job typed in another order (seed=1 optimizer=sgd) is the same folder.
+    joined = ",".join(sorted(chosen, key=override_key)).strip()
     name = joined.replace("/", "_").replace("\\", "_")
     if not name or name in (".", ".."):
         return str(job_num)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pneumonia.data import cache as cache_module
-from pneumonia.data.cache import build_or_load
+from pneumonia.data.cache import CACHE_FORMAT, build_or_load
 from pneumonia.data.image_io import load_grayscale
 from tests.conftest import copy_image
 
@@ -154,7 +154,7 @@ def test_wrong_dtype_or_no_npy_header_is_caught(data_root, tmp_path, caplog, mon
         ("{not json", "is not valid JSON"),
         ("[1, 2]", "holds a list, not an object"),
         ("", "is not valid JSON"),
-        ('{"format": 3, "key": "k"}', "says key='k', expected"),
+        (f'{{"format": {CACHE_FORMAT}, "key": "k"}}', "says key='k', expected"),
         ("[" * 200_000, "is not valid JSON"),  # deep enough to exhaust the parser's recursion
     ],
 )
@@ -186,19 +186,20 @@ def test_index_that_disagrees_with_the_file_list_is_caught(
 def test_image_that_failed_is_picked_up_once_it_decodes(data_root, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="pneumonia.data.cache")
     paths = [str(p) for p in _some_images(data_root, 4)]
-    flaky = tmp_path / "data" / "person9999_virus_1.jpeg"
-    good = copy_image(_some_images(data_root, 8)[7], flaky).read_bytes()
-    # Same size and time as the good file (as rsync -t would leave a re-download): the cache key
-    # does not change, so only the retry can notice the fix.
-    stamp = flaky.stat().st_mtime_ns
-    flaky.write_bytes(b"\0" * len(good))
-    os.utime(flaky, ns=(stamp, stamp))
+    flaky = copy_image(_some_images(data_root, 8)[7], tmp_path / "data" / "person9999_virus_1.jpeg")
     paths.insert(2, str(flaky))
+    real = cache_module._decode
+
+    def read_error_once(job):  # as a network file system's hiccup: the file itself is unchanged
+        return (
+            (None, "OSError: [Errno 5] Input/output error") if job[0] == str(flaky) else real(job)
+        )
+
+    monkeypatch.setattr(cache_module, "_decode", read_error_once)
     first = build_or_load(paths, 32, tmp_path / "cache", num_workers=1, progress=False)
     assert first.valid.tolist() == [True, True, False, True, True]
 
-    flaky.write_bytes(good)
-    os.utime(flaky, ns=(stamp, stamp))
+    monkeypatch.setattr(cache_module, "_decode", real)
     calls = _count_decodes(monkeypatch)
     second = build_or_load(paths, 32, tmp_path / "cache", num_workers=1, progress=False)
     assert calls == [str(flaky)]  # only the failed file is decoded again
@@ -212,6 +213,22 @@ def test_image_that_failed_is_picked_up_once_it_decodes(data_root, tmp_path, cap
     calls.clear()
     third = build_or_load(paths, 32, tmp_path / "cache", num_workers=1, progress=False)
     assert calls == [] and third.valid.all()  # the update was written: nothing left to retry
+
+
+def test_a_file_rewritten_with_its_size_and_time_is_decoded_again(data_root, tmp_path):
+    normal, pneumonia = (
+        sorted((data_root / "train" / "NORMAL").glob("*.jpeg"))[0],
+        sorted((data_root / "train" / "PNEUMONIA").glob("*.jpeg"))[0],
+    )
+    image = copy_image(normal, tmp_path / "data" / "IM-0001-0001.jpeg")
+    first = build_or_load([str(image)], 32, tmp_path / "cache", num_workers=1, progress=False)
+    stamp, size = image.stat().st_mtime_ns, image.stat().st_size
+    other = pneumonia.read_bytes()[:size]
+    image.write_bytes(other + b"\0" * (size - len(other)))  # another X-ray, padded to the size
+    os.utime(image, ns=(stamp, stamp))  # and the old time put back, as cp -p or rsync -t do
+    second = build_or_load([str(image)], 32, tmp_path / "cache", num_workers=1, progress=False)
+    assert not np.array_equal(np.asarray(second.pixels[0]), np.asarray(first.pixels[0]))
+    np.testing.assert_array_equal(second.pixels[0], load_grayscale(image, 32))
 
 
 def test_still_failing_image_is_retried_without_rewriting(data_root, tmp_path, monkeypatch):
@@ -303,3 +320,31 @@ def test_missing_file_in_the_list_is_a_failure_not_a_crash(data_root, tmp_path):
     cached = build_or_load(paths, 32, tmp_path / "cache", num_workers=1, progress=False)
     assert cached.valid.tolist() == [True, False, False]
     assert "dangling symbolic link" in cached.failures[str(tmp_path / "dangling.jpeg")]
+
+
+def test_processes_starting_together_build_the_cache_once(data_root, tmp_path):
+    # As the jobs of hydra/launcher=shared_device do at a new image size.
+    paths = [str(p) for p in _some_images(data_root, 150)]
+    go = tmp_path / "go"
+    script = (
+        "import logging, os, time; from pneumonia.data.cache import build_or_load\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        f"build_or_load({paths!r}, 40, {str(tmp_path / 'cache')!r}, num_workers=1, progress=False)"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    assert [job.stdout.readline().strip() for job in jobs] == ["ready"] * 3
+    go.touch()  # all three ask for the cache at once
+    logs = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0]
+    assert sum("cached 150 images" in log for log in logs) == 1, logs

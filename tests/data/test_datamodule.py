@@ -8,8 +8,9 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pneumonia.data.class_weights import balanced_class_weights
 from pneumonia.data.datamodule import ChestXrayDataModule, EmptySplitError, interleave_classes
+from pneumonia.data.discovery import DataLayoutError
 from pneumonia.data.image_io import load_grayscale
-from tests.conftest import make_subset
+from tests.conftest import copy_image, make_subset
 
 
 def _datamodule(root, cache_dir, **kwargs):
@@ -102,7 +103,61 @@ def test_unreadable_images_are_left_out_of_every_split(data_root, cache_dir, tmp
     assert sum(len(dm.dataset(s)) for s in ("train", "val", "test")) == 40
 
 
+def test_a_class_whose_images_all_fail_to_decode_stops_the_run(data_root, cache_dir, tmp_path):
+    # Found as files, but none decodes (not JPEGs under .jpeg names, cloud placeholders, ...):
+    # training on NORMAL alone would score a perfect balanced accuracy on NORMAL-only validation.
+    root = make_subset(data_root, tmp_path / "one_class_broken", per_class=20)
+    for image in (root / "train" / "PNEUMONIA").iterdir():
+        image.unlink()
+        image.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    dm = _datamodule(root, cache_dir)
+    dm.prepare_data()
+    with pytest.raises(
+        DataLayoutError, match=r"holds no PNEUMONIA image: 20 of the 20 PNEUMONIA images found"
+    ):
+        dm.setup("fit")
+    # A one-class folder to evaluate is fine: it asked for no second class.
+    one_class = _datamodule(root, cache_dir, split_fractions=[0, 0, 1], require_both_classes=False)
+    one_class.prepare_data()
+    one_class.setup("test")
+    assert len(one_class.dataset("test")) == 20
+
+
+def test_one_xray_under_two_names_across_the_split_is_warned_of(data_root, cache_dir, tmp_path, caplog):  # fmt: skip
+    # The Kermany set's 24 groups of identical files each stay within one child: no warning.
+    real = _datamodule(data_root, cache_dir)
+    real.prepare_data()
+    real.setup("fit")
+    assert "different sides of the split" not in caplog.text
+    assert sum(len(rows) > 1 for rows in real._pixel_twins().values()) == 24
+    # A per-image split scatters them.
+    by_image = _datamodule(data_root, cache_dir, group_by="image")
+    by_image.prepare_data()
+    by_image.setup("fit")
+    assert "on different sides of the split (at 64 px, pixel for pixel)" in caplog.text
+
+
+def test_an_external_copy_of_pool_images_is_found(data_root, small_root, cache_dir, tmp_path):
+    pool = _datamodule(small_root, cache_dir, image_size=32)
+    pool.prepare_data()
+    pool.setup("fit")
+    copied = sorted((small_root / "train" / "PNEUMONIA").iterdir())[:3]
+    external_root = make_subset(data_root, tmp_path / "site_b", per_class=2, flat=True)
+    for i, image in enumerate(copied):
+        copy_image(image, external_root / "PNEUMONIA" / f"site_b_{i}.jpeg")  # renamed copies
+    pool.external_tests = {"site_b": external_root}
+    external = pool.external_test_set("site_b")
+    pairs = pool.copies_in_pool(external)
+    assert sorted((a.name, b.name) for a, b in pairs) == sorted(
+        [(f"site_b_{i}.jpeg", image.name) for i, image in enumerate(copied)]
+        + [(p.name, p.name) for p in (external_root / "NORMAL").iterdir()]
+        + [(p.name, p.name) for p in sorted((external_root / "PNEUMONIA").iterdir())[:2]]
+    )  # make_subset links the pool's first images: those are copies too
+
+
 def test_bad_settings_are_named(small_root, cache_dir):
+    with pytest.raises(ValueError, match="data.cache_dir is empty.*PNEUMONIA_CACHE"):
+        _datamodule(small_root, "")
     with pytest.raises(ValueError, match="group_by='person'"):
         _datamodule(small_root, cache_dir, group_by="person")
     with pytest.raises(ValueError, match="image_size=16"):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pneumonia.data.discovery import DataLayoutError, discover_images, scan_images
@@ -50,6 +52,47 @@ def test_a_class_folder_itself_can_be_the_root(data_root, tmp_path):
     assert [img.label for img in images] == [1, 1]
     with pytest.raises(DataLayoutError, match="no NORMAL images"):
         discover_images(root / "PNEUMONIA")
+
+
+def test_an_empty_root_is_not_the_working_folder(data_root, tmp_path, monkeypatch):
+    make_subset(data_root, tmp_path, per_class=2)  # images right here, as a stray cwd may hold
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataLayoutError, match="data root is empty.*PNEUMONIA_DATA"):
+        discover_images("")
+    with pytest.raises(DataLayoutError, match="data root is empty"):
+        discover_images("  ")
+
+
+def test_a_root_named_like_a_class_labels_only_when_it_holds_no_class_folder(
+    data_root, tmp_path, caplog
+):
+    # A checkout called "pneumonia" holding a dataset and loose X-rays: the loose ones have no label.
+    root = make_subset(data_root, tmp_path / "pneumonia", per_class=2)
+    loose = copy_image(
+        sorted((data_root / "train" / "NORMAL").iterdir())[5], root / "misc" / "x.jpeg"
+    )
+    copy_image(loose, root / "COVID19" / "y.jpeg")
+    images = discover_images(root)
+    assert [img.label for img in images] == [0, 0, 1, 1]
+    assert "left out 2 image(s)" in caplog.text and "COVID19/y.jpeg" in caplog.text
+
+
+def test_different_images_with_one_name_are_all_kept(data_root, tmp_path):
+    # Per-patient exports name every first image alike; same byte size does not make them copies.
+    sources = sorted((data_root / "train" / "NORMAL").iterdir())[:2]
+    for i, source in enumerate(sources):
+        copy_image(source, tmp_path / "site" / "NORMAL" / f"patient{i}" / "IM-0001-0001.jpeg")
+        with open(tmp_path / "site" / "NORMAL" / f"patient{i}" / "IM-0001-0001.jpeg", "r+b") as f:
+            f.truncate(9000)  # equal sizes; the cut JPEGs differ in content
+    assert len(discover_images(tmp_path / "site", require_both_classes=False)) == 2
+
+
+def test_one_image_under_both_labels_is_refused_naming_the_files(data_root, tmp_path):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=2)
+    pneumonia = sorted((root / "train" / "PNEUMONIA").iterdir())[0]
+    copy_image(pneumonia, root / "test" / "NORMAL" / pneumonia.name)
+    with pytest.raises(DataLayoutError, match=rf"both NORMAL and PNEUMONIA.*{pneumonia.name}"):
+        discover_images(root)
 
 
 # --- odd entries are skipped and listed, never fatal ---------------------------------------------
@@ -130,3 +173,37 @@ def test_kaggle_names_raise_no_patient_warning(data_root, tmp_path, caplog):
     found = scan_images(make_subset(data_root, tmp_path / "chest_xray", per_class=3))
     assert found.without_patient_id == [] and found.skipped == {}
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_patient_ids_that_look_wrong_are_warned_of(data_root, tmp_path, caplog):
+    # Folder-per-patient exports: every file is IM-0001-0001.jpeg, so one "patient" has them all.
+    sources = (
+        sorted((data_root / "train" / "NORMAL").iterdir())[:12]
+        + sorted((data_root / "train" / "PNEUMONIA").iterdir())[:12]
+    )
+    for i, source in enumerate(sources):
+        label = "NORMAL" if i < 12 else "PNEUMONIA"
+        copy_image(source, tmp_path / "pacs" / label / f"child{i}" / "IM-0001-0001.jpeg")
+    discover_images(tmp_path / "pacs")
+    assert "1 patient id(s) hold images of both classes (e.g. IM-0001)" in caplog.text
+    for i, source in enumerate(sorted((data_root / "train" / "NORMAL").iterdir())[:24]):
+        copy_image(source, tmp_path / "pacs2" / "NORMAL" / f"child{i}" / "IM-0001-0001.jpeg")
+    caplog.clear()
+    discover_images(tmp_path / "pacs2", require_both_classes=False)
+    assert "patient id IM-0001 holds 24 of the 24 images" in caplog.text
+    caplog.clear()
+    discover_images(data_root)
+    assert "patient id" not in caplog.text  # the real data's ids are fine
+
+
+def test_images_in_other_formats_are_skipped_with_the_reason(data_root, tmp_path):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=2)
+    for name in ("scan.bmp", "scan.DCM", "notes.txt", "MANIFEST.csv"):
+        (root / "train" / "NORMAL" / name).write_bytes(b"x")
+    found = scan_images(root)
+    assert len(found.images) == 4
+    assert sorted(Path(path).name for path in found.skipped) == ["scan.DCM", "scan.bmp"]
+    assert (
+        "only JPEG and PNG are read; convert it to PNG"
+        in found.skipped[str(root / "train" / "NORMAL" / "scan.bmp")]
+    )

@@ -52,6 +52,18 @@ def test_16_bit_png_is_rescaled_not_clipped(tmp_path):
     assert len(np.unique(pixels)) > 200  # convert("L") would clip almost everything to 255
 
 
+def test_one_hot_pixel_does_not_squeeze_a_16_bit_xray_into_a_few_grey_levels(tmp_path):
+    ramp = np.linspace(0, 4095, 256 * 256).reshape(256, 256).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "clean.png")
+    ramp[10, 10] = 65535  # a dead detector pixel at full scale
+    Image.fromarray(ramp).save(tmp_path / "hot.png")
+    clean, hot = (load_grayscale(tmp_path / name, 64) for name in ("clean.png", "hot.png"))
+    difference = np.abs(hot.astype(int) - clean.astype(int))
+    difference[:5, :5] = 0  # around the hot pixel itself, which shows bright, as it should
+    assert difference.max() <= 1
+    assert hot.mean() == pytest.approx(127.5, abs=3)
+
+
 def test_corrupt_file_raises_oserror(tmp_path):
     broken = tmp_path / "broken.jpeg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

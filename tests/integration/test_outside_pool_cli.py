@@ -123,11 +123,12 @@ def test_eval_measures_several_external_folders_at_once(
 ):
     run_dir, _ = measured_run
     out = tmp_path / "eval"
-    train(
+    result = train(
         f"ckpt_path={run_dir}",
         f"data.root={originals_root}",
         f"+data.external_tests.small={small_root}",
         f"+data.external_tests.originals={originals_root}",
+        f"+data.external_tests.sick={originals_root / 'PNEUMONIA'}",
         "optimized_metric=external/small/auroc",
         f"run_dir={out}",
         config_name="eval",
@@ -138,6 +139,18 @@ def test_eval_measures_several_external_folders_at_once(
     assert report["external"]["originals"]["metrics"] == pytest.approx(
         report["metrics"], nan_ok=True
     )
+    # The pool itself as an "external" set: every image is a copy of a pool image, and said so.
+    assert report["external"]["originals"]["copies_of_pool_images"] == 40
+    assert report["external"]["small"]["copies_of_pool_images"] == 0
+    assert (
+        "40 of the 40 images of external test set originals are copies"
+        in result.stdout + result.stderr
+    )
+    # One class: what cannot be measured is null, and the log says why its figure cannot rank.
+    sick = report["external"]["sick"]["metrics"]
+    assert sick["specificity"] is None and sick["auroc"] is None
+    assert sick["balanced_accuracy"] == sick["recall"]
+    assert "external test set sick holds PNEUMONIA images only" in result.stdout + result.stderr
 
 
 def test_an_optimized_metric_the_run_does_not_produce_is_refused(small_root, cache_dir, tmp_path):

@@ -17,7 +17,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_folder_held_elsewhere
 from tests.integration.conftest import train
 
 pytestmark = pytest.mark.integration
@@ -134,6 +134,17 @@ def test_a_resume_that_would_change_the_split_is_refused(
     assert result.returncode != 0
     assert "SplitChangedError" in result.stderr and named in result.stderr
     assert (run_dir / "split.csv").read_bytes() == split_before
+
+
+def test_a_run_folder_another_process_works_in_is_refused(short_run, small_root, cache_dir, tmp_path):  # fmt: skip
+    # As an orphaned joblib worker of a sweep killed with SIGKILL still trains its job.
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    status_before = (run_dir / "run_status.json").read_bytes()
+    with run_folder_held_elsewhere(run_dir) as holder:
+        result = _resume_copy(run_dir, small_root, cache_dir)
+    assert result.returncode != 0
+    assert f"RunFolderBusyError: another process (pid {holder.pid}) is running in" in result.stderr
+    assert (run_dir / "run_status.json").read_bytes() == status_before  # its record untouched
 
 
 def test_a_resume_with_tampered_optimizer_state_is_refused_before_training(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -118,6 +119,19 @@ def _optuna(small_root, cache_dir, log_dir, trials):
     )  # fmt: skip
 
 
+def test_a_rerun_on_another_data_root_does_not_skip_to_the_old_score(
+    sweep, originals_root, cache_dir, tmp_path
+):
+    # data.root (or PNEUMONIA_DATA) does not name a job's folder, so the job looks finished.
+    sweep_dir = shutil.copytree(sweep[0], tmp_path / "copy")
+    record = (sweep_dir / GOOD / "run_status.json").read_bytes()
+    result = _sweep(originals_root, cache_dir, sweep_dir)
+    assert result.returncode != 0
+    log = (sweep_dir / GOOD / "debug.log").read_text()
+    assert "holds a finished run trained on" in log and f"sweep reads {originals_root}" in log
+    assert (sweep_dir / GOOD / "run_status.json").read_bytes() == record
+
+
 def test_a_stopped_optuna_search_continues_where_it_stopped(small_root, cache_dir, tmp_path):
     optuna = pytest.importorskip("optuna")  # the sweep extra; `make install` installs it
     storage = f"sqlite:///{tmp_path / 'optuna' / 'pneumonia.db'}"
@@ -135,7 +149,7 @@ def test_a_stopped_optuna_search_continues_where_it_stopped(small_root, cache_di
     assert "2 trial(s) complete, 0 to run" in result.stdout + result.stderr
     assert len(optuna.load_study(study_name="pneumonia", storage=storage).trials) == 3
     jobs = [p for p in (tmp_path / "optuna" / "pneumonia").iterdir() if p.is_dir()]
-    assert len(jobs) == 2 and all(p.name.startswith("optimizer=") for p in jobs)
+    assert len(jobs) == 2 and all(p.name.startswith("class_weighting=") for p in jobs)
     assert (tmp_path / "optuna" / "pneumonia" / "summary.md").is_file()
 
 

@@ -57,12 +57,17 @@ def test_single_class_gives_nan_auroc_not_a_crash():
     metrics.update(torch.tensor([0.2, 0.9]), torch.tensor([1, 1]))
     values = metrics.compute()
     assert math.isnan(float(values["auroc"]))
-    assert float(values["specificity"]) == 0.0  # undefined -> 0, as scikit-learn's zero_division=0
+    # No NORMAL image: specificity is undefined (n/a), not 0 ("every NORMAL image missed").
+    assert math.isnan(float(values["specificity"]))
     # Balanced accuracy averages the classes present, as scikit-learn does: here the recall alone.
     assert float(values["recall"]) == 0.5
     assert float(values["balanced_accuracy"]) == balanced_accuracy_score([1, 1], [0, 1])
     metrics.reset()
     assert metrics.confusion_matrix().sum() == 0
+    metrics.update(torch.tensor([0.2, 0.9]), torch.tensor([0, 0]))  # no PNEUMONIA image
+    values = metrics.compute()
+    assert math.isnan(float(values["recall"])) and float(values["specificity"]) == 0.5
+    assert float(values["precision"]) == 0.0 and float(values["balanced_accuracy"]) == 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -77,7 +82,7 @@ def test_every_metric_of_one_class_stays_on_the_cuda_device():
     ("targets", "probabilities"),
     [
         ([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]),  # nothing predicted PNEUMONIA: precision is 0/0
-        ([0, 0, 0], [0.1, 0.7, 0.9]),  # no PNEUMONIA image: recall is 0/0
+        ([0, 0, 0], [0.1, 0.7, 0.9]),  # no PNEUMONIA image: recall is 0/0, n/a
         ([1, 1, 1, 0], [0.6, 0.2, 0.9, 0.7]),  # no correct NORMAL prediction
         ([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]),  # everything wrong: F1 is 0/(0 + 4)
     ],
@@ -92,12 +97,13 @@ def test_degenerate_predictions_agree_with_scikit_learn(targets, probabilities):
         expected = {
             "balanced_accuracy": balanced_accuracy_score(targets, predicted),
             "precision": precision_score(targets, predicted, zero_division=0),
-            "recall": recall_score(targets, predicted, zero_division=0),
-            "specificity": recall_score(targets, predicted, pos_label=0, zero_division=0),
+            # A class absent from the targets has no recall: NaN, not scikit-learn's default 0.
+            "recall": recall_score(targets, predicted, zero_division=np.nan),
+            "specificity": recall_score(targets, predicted, pos_label=0, zero_division=np.nan),
             "f1": f1_score(targets, predicted, zero_division=0),
             "accuracy": accuracy_score(targets, predicted),
         }
-    assert {k: values[k] for k in expected} == pytest.approx(expected)
+    assert {k: values[k] for k in expected} == pytest.approx(expected, nan_ok=True)
     if len(set(targets)) == 2:
         assert values["auroc"] == pytest.approx(roc_auc_score(targets, probabilities))
     else:

@@ -596,3 +596,13 @@ def test_adam_steps_fused_unless_configured_and_the_hparams_keep_the_config(opti
     built = module.configure_optimizers()
     assert built.defaults.get("fused") == fused
     assert dict(module.hparams.optimizer) == optimizer  # checkpoints record what was configured
+
+
+def test_clipped_gradients_train_under_bf16_with_an_unfused_adam():
+    # The divergence error advises trainer.gradient_clip_val=1.0; Lightning refuses to clip for
+    # a fused optimizer under mixed precision, so clipping keeps Adam's step unfused.
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    trainer = _one_epoch_trainer(precision="bf16-mixed", accelerator="cpu", gradient_clip_val=1.0)
+    trainer.fit(module, _random_loader(), _random_loader())
+    assert trainer.optimizers[0].defaults.get("fused") is None
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])

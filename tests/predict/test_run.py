@@ -270,6 +270,20 @@ def test_an_output_that_is_some_other_file_is_left_alone(predict, ckpt, folder, 
     assert split.read_text() == "path,split,label\nNORMAL/a.jpeg,train,0\n"
 
 
+def test_a_folder_above_the_given_images_gives_no_label(tmp_path):
+    # A checkout or project folder called "pneumonia" says nothing about the scans inside it.
+    scans = tmp_path / "pneumonia" / "my_scans"
+    gradient_image(scans / "a.png", level=10)
+    gradient_image(scans / "NORMAL" / "b.png", level=20)
+    listing = tmp_path / "pneumonia" / "list.txt"
+    listing.write_text("my_scans/a.png\nmy_scans/NORMAL/b.png\n")
+    for given in (scans, listing, scans / "a.png"):
+        labels = {item.path.name: item.label for item in collect_inputs(given).images}
+        assert labels["a.png"] is None
+        assert labels.get("b.png", "NORMAL") == "NORMAL"
+    assert [item.label for item in collect_inputs(scans / "NORMAL").images] == ["NORMAL"]
+
+
 def test_missing_or_empty_inputs_are_clear_errors(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"images=.*nowhere: no such file or folder; pass images=<an image"

@@ -117,6 +117,29 @@ def test_the_callback_summarises_the_sweep_folder(runs, caplog):
     assert pickle.loads(pickle.dumps(SummarizeSweep())).after_each_job
 
 
+def test_summaries_of_jobs_ending_together_are_written_one_at_a_time(runs):
+    # Another job's summary, begun earlier on older statuses, is still being written: this one
+    # waits for it, so the table left behind is the newest, not whichever finished last.
+    from pneumonia.sweeps.callback import SUMMARY_LOCK
+
+    older = textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(runs / SUMMARY_LOCK)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("writing", flush=True)
+        time.sleep(1.5)
+        open({str(runs / SUMMARY_MD)!r}, "w").write("stale")
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", older], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": runs.name}, "runtime": {"cwd": str(runs.parent)}}}
+    )
+    SummarizeSweep().on_multirun_end(config)
+    writer.wait()
+    assert (runs / SUMMARY_MD).read_text().startswith("# Runs in")
+
+
 def test_the_callback_never_raises(tmp_path, caplog, monkeypatch):
     missing = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "gone")}}})
     with caplog.at_level(logging.WARNING, logger="pneumonia"):

@@ -71,6 +71,11 @@ def test_a_search_whose_trials_all_failed_says_so_and_where_the_errors_are(tmp_p
         study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     with pytest.raises(SweepError, match=r"no completed trial: all 2 failed.*sweep/summary.md"):
         run_search(_optuna_best_trial_fails, _config(tmp_path / "sweep", storage))
+    optuna.create_study(study_name="empty", storage=storage)  # optuna_trials=0 on a new study
+    config = _config(tmp_path / "sweep", storage)
+    config.hydra.sweeper.study_name = "empty"
+    with pytest.raises(SweepError, match="'empty' has no trial: give optuna_trials a number"):
+        run_search(_optuna_best_trial_fails, config)
 
 
 def test_other_errors_of_a_search_are_not_reworded(tmp_path):
@@ -91,3 +96,26 @@ def test_hydra_finds_the_searchs_sweeper_among_its_plugins():
 
     names = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)}
     assert "hydra_plugins.pneumonia_optuna.GuardedOptunaSweeper" in names
+
+
+def _search(sweep_dir, storage, task):
+    return OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep_dir)}, "overrides": {"task": task},
+                   "sweeper": {"study_name": "s", "storage": storage, "n_trials": 3,
+                               "direction": "maximize",
+                               "params": {"optimizer.lr": "tag(log, interval(1e-4, 1e-1))"}}}}
+    )  # fmt: skip
+
+
+def test_a_study_refuses_trials_run_under_other_fixed_settings(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    smoke = ["debug=limit", "image_size=64", "optuna_trials=2", f"paths.log_dir={tmp_path}"]
+    prepare_study(_search(tmp_path / "sweep", storage, smoke))
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert study.user_attrs["pneumonia_fixed_overrides"] == ["debug=limit", "image_size=64"]
+    # The same search continued with more trials: fine.
+    prepare_study(_search(tmp_path / "sweep", storage, [*smoke[:2], "optuna_trials=9"]))
+    with pytest.raises(SweepError, match=r"fixed settings \['debug=limit', 'image_size=64'\], not "
+                                         r"\['image_size=128'\].*study_name=s_2"):  # fmt: skip
+        prepare_study(_search(tmp_path / "sweep", storage, ["image_size=128", "optuna_trials=5"]))

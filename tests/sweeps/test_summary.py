@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -500,3 +501,40 @@ def test_the_read_metrics_cover_the_diagnostic_metrics():
     from pneumonia.metrics.diagnostic import METRIC_NAMES
 
     assert set(METRIC_NAMES) <= set(READ_METRICS)
+
+
+def test_a_running_status_is_told_live_or_killed_by_the_run_lock(tmp_path):
+    from pneumonia.training.status import hold_run_folder
+
+    for name in ("live", "killed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run_status.json").write_text(
+            json.dumps({"status": "running", "optimized_metric": "val/balanced_accuracy"})
+        )
+        with hold_run_folder(tmp_path / name):  # leaves the lock file behind, free
+            pass
+    with hold_run_folder(tmp_path / "live"):
+        summarize(tmp_path, plots=False)
+    statuses = {row["folder"]: row["status"] for row in read_csv(tmp_path / SUMMARY_CSV)}
+    assert statuses == {"live": "running", "killed": "interrupted"}
+
+
+def test_crafted_records_are_named_unreadable_and_never_stop_the_table(tmp_path):
+    write_run(tmp_path / "good", overrides=["optimizer.lr=0.1"], score=0.9)
+    huge = write_run(tmp_path / "huge_number", overrides=["optimizer.lr=0.2"], score=0.8)
+    record = (
+        (huge / "run_status.json").read_text().replace('"score": 0.8', '"score": 1' + "0" * 400)
+    )
+    (huge / "run_status.json").write_text(record)  # an integer too large for a float
+    deep = tmp_path / "deep" / "run_status.json"
+    deep.parent.mkdir()
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    fifo = write_run(tmp_path / "fifo", overrides=["optimizer.lr=0.3"], score=0.7)
+    (fifo / ".hydra").mkdir(exist_ok=True)
+    (fifo / ".hydra" / "overrides.yaml").unlink(missing_ok=True)
+    os.mkfifo(fifo / ".hydra" / "overrides.yaml")  # reading it would block for ever
+    summary = summarize(tmp_path, plots=False)
+    rows = {row["folder"]: row for row in read_csv(tmp_path / SUMMARY_CSV)}
+    assert rows["good"]["rank"] == "1" and rows["huge_number"]["status"] == "completed"
+    assert "RecursionError" in rows["deep"]["error"]
+    assert len(summary.runs) == 4

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pneumonia.errors import CheckpointError
 from pneumonia.model.classifier import XrayClassifier
 from pneumonia.training.checkpoints import read_checkpoint
+from pneumonia.training.status import LOCK_FILE
 
 NET = {"_target_": "pneumonia.model.study_cnn.StudyCNN", "image_size": 32, "channels": [4, 8, 8], "hidden_features": 8}  # fmt: skip
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3}
@@ -137,8 +138,8 @@ def test_evaluating_or_explaining_a_crafted_checkpoint_runs_nothing(
         task(cfg)
     assert not marker.exists()
     output_dir = Path(cfg.paths.output_dir)
-    # Only the run's own record that it failed, naming the checkpoint it refused.
-    assert _files(output_dir) <= {output_dir / "run_status.json"}
+    # Only the run's own record that it failed, naming the checkpoint it refused (and its lock).
+    assert _files(output_dir) <= {output_dir / "run_status.json", output_dir / LOCK_FILE}
     if entry == "evaluate":
         status = json.loads((output_dir / "run_status.json").read_text())
         assert status["status"] == "failed" and status["error"].startswith("CheckpointError")

@@ -1,13 +1,15 @@
-"""Pieces of ``training/run.py`` that need no training: rebuilding a checkpoint's split."""
+"""Pieces of ``training/run.py`` that need no training: rebuilding a checkpoint's split, the score."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from pneumonia.errors import CheckpointError
-from pneumonia.training.run import _checkpoint_split_settings
+from pneumonia.training.run import _best_score, _checkpoint_split_settings
 
 SPLIT = {"root": "/data", "seed": 42, "split_fractions": [0.8, 0.1, 0.1], "group_by": "patient"}
 
@@ -41,3 +43,16 @@ def test_data_root_overrides_where_the_checkpoint_says_the_data_was(small_root):
         {"split": {**SPLIT, "root": str(small_root)}}, Path("x.ckpt"), root=None
     )
     assert recorded["root"] == str(small_root)
+
+
+def test_the_score_of_an_unmonitored_val_metric_is_that_of_the_kept_weights():
+    # The checkpoint keeps the best balanced-accuracy epoch; a sweep optimising val/auroc must be
+    # told that epoch's AUROC (the weights it tests), not the last epoch's.
+    trainer = SimpleNamespace(callback_metrics={"val/auroc": torch.tensor(0.47)})
+    checkpoint = SimpleNamespace(
+        monitor="val/balanced_accuracy", best_model_score=torch.tensor(0.9)
+    )
+    best_val = {"val/balanced_accuracy": 0.9, "val/auroc": 0.88}
+    assert _best_score(trainer, checkpoint, "val/auroc", best_val) == pytest.approx(0.88)
+    assert _best_score(trainer, checkpoint, "val/balanced_accuracy", best_val) == pytest.approx(0.9)
+    assert _best_score(trainer, None, "val/auroc", best_val) == pytest.approx(0.47)  # final weights

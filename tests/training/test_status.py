@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from pneumonia.errors import RunFolderBusyError
 from pneumonia.training.status import (
+    LOCK_FILE,
     STATUS_FILE,
     RunStatus,
     error_line,
+    hold_run_folder,
     metric_mode,
     read_status,
+    run_is_live,
 )
+from tests.conftest import run_folder_held_elsewhere
 
 
 def test_a_run_is_running_until_it_ends_then_completed_with_its_score(tmp_path):
@@ -87,3 +93,19 @@ def test_a_new_run_in_a_used_folder_starts_its_own_clock(tmp_path):
     record = read_status(tmp_path)
     assert record["attempts"] == 1 and record["wall_time_s"] < 100.0
     assert record["started"] != "2020-01-01T00:00:00"
+
+
+def test_one_process_at_a_time_works_in_a_run_folder(tmp_path):
+    assert run_is_live(tmp_path) is None  # a folder from before the lock
+    # Another process holds the folder, as an orphaned joblib worker of a killed sweep does.
+    with run_folder_held_elsewhere(tmp_path) as holder:
+        assert run_is_live(tmp_path) is True
+        busy = pytest.raises(RunFolderBusyError, match=rf"pid {holder.pid}\) is running in")
+        with busy, hold_run_folder(tmp_path):
+            pass
+    assert run_is_live(tmp_path) is False  # the kernel let go of a killed holder's lock
+    with hold_run_folder(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert run_is_live(tmp_path) is True
+    with hold_run_folder(tmp_path):  # released on leaving: the same process may run it again
+        pass

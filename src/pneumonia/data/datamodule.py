@@ -16,7 +16,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from pneumonia import CLASS_NAMES, check_image_size, is_whole_number
-from pneumonia.data.cache import CachedImages, build_or_load
+from pneumonia.data.cache import CachedImages, build_or_load, pixel_digests
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
 from pneumonia.data.device_batches import DeviceBatches
@@ -148,6 +148,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         super().__init__()
         if group_by not in GROUPINGS:
             raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
+        if not str(root).strip():
+            scan_images(root)  # the error for an empty root
         self.root = Path(root).expanduser()
         self.image_size = check_image_size(image_size, "data.image_size")
         if not is_whole_number(batch_size) or batch_size < 1:
@@ -159,6 +161,11 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise ValueError(f"data.seed={seed!r} must be a whole number from 0 to 2**32 - 1")
         self.seed = int(seed)
         self.class_weighting = class_weighting or no_class_weights
+        if not str(cache_dir).strip():
+            raise ValueError(
+                "data.cache_dir is empty (is PNEUMONIA_CACHE set to an empty string?); unset it, "
+                "set it to a folder or pass paths.cache_dir=<folder>"
+            )
         self.cache_dir = Path(cache_dir).expanduser()
         self.num_workers = int(num_workers)
         self.decode_workers = decode_workers
@@ -183,6 +190,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self._datasets: dict[str, CachedXrayDataset] = {}
         self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._automatic_choice: dict[str, bool] = {}  # device -> whether the splits fit on it
+        self._twins: dict[bytes, list[int]] | None = None
 
     def prepare_data(self) -> None:
         """Decode and cache every image once (rank zero only under DDP).
@@ -261,6 +269,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.splits = splits
         counts = {s: int((splits == s).sum()) for s in SPLITS}
         log.info("split of %d images by %s: %s", len(splits), self.group_by, counts)
+        if self.require_both_classes:
+            self._check_both_classes_decoded(labels, cache)
+        self._warn_of_copies_across_splits()
         if self.split_csv is not None and self.trainer_is_global_zero:
             write_split_csv(
                 self.split_csv,
@@ -271,6 +282,86 @@ class ChestXrayDataModule(L.LightningDataModule):
                 CLASS_NAMES,
             )
 
+    def _check_both_classes_decoded(self, labels: np.ndarray, cache: CachedImages) -> None:
+        """Every non-empty split holds both classes among the images that decoded.
+
+        Discovery found both classes, but if every image of one class fails to decode (files that
+        are not JPEG or PNG under .jpeg names, cloud placeholders, Git LFS pointers), training on
+        the other class alone scores a perfect balanced accuracy on a one-class validation split.
+        """
+        assert self.splits is not None
+        for split in SPLITS:
+            in_split = self.splits == split
+            if not in_split.any():
+                continue
+            for label, name in enumerate(CLASS_NAMES):
+                if (labels[in_split] == label).any():
+                    continue
+                failed = int(((labels == label) & ~cache.valid).sum())
+                found = int((labels == label).sum())
+                cause = (
+                    f"{failed} of the {found} {name} images found failed to decode (listed in the "
+                    "warning above)"
+                    if failed
+                    else f"only {found} {name} image(s) were found"
+                )
+                raise DataLayoutError(
+                    f"the {split} split of {self.root} holds no {name} image: {cause}. A model "
+                    "would be trained or judged on one class only; fix or replace the unreadable "
+                    f"files, add {name} images, or change data.split_fractions"
+                )
+
+    def _pixel_twins(self) -> dict[bytes, list[int]]:
+        """Digest of the pixels -> the decoded images (indices into :attr:`images`) that have them."""
+        if self._twins is None:
+            cache = self._load_cache()
+            rows = np.flatnonzero(cache.valid)
+            self._twins = {}
+            for row, digest in zip(rows, pixel_digests(cache.pixels, rows), strict=True):
+                self._twins.setdefault(digest, []).append(int(row))
+        return self._twins
+
+    def _warn_of_copies_across_splits(self) -> None:
+        """Warn when one X-ray, under two file names, sits on two sides of the split.
+
+        The Kermany set holds 24 such groups (50 files, byte for byte the same), each within one
+        patient: the split by patient keeps them together, a per-image split does not. Copies
+        whose names carry no patient id, or another child's, would leak in any split.
+        """
+        assert self.splits is not None
+        crossing = [
+            rows
+            for rows in self._pixel_twins().values()
+            if len(rows) > 1 and len({self.splits[row] for row in rows}) > 1
+        ]
+        if crossing:
+            example = crossing[0]
+            log.warning(
+                "%d X-ray(s) appear under several file names on different sides of the split (at "
+                "%d px, pixel for pixel), e.g. %s: validation and test then score images the "
+                "model trained on. Delete the copies, or name them with their child's id so a "
+                "split by patient keeps them together",
+                len(crossing),
+                self.image_size,
+                " = ".join(f"{self.images[row].path} ({self.splits[row]})" for row in example),
+            )
+
+    def copies_in_pool(self, other: ChestXrayDataModule) -> list[tuple[Path, Path]]:
+        """``(image of other, image of this pool)`` pairs with the same pixels at this image size.
+
+        ``other`` is an external test set: a copy of a training image there is not "outside the
+        pool", whatever its folder.
+        """
+        if other.image_size != self.image_size:
+            raise ValueError("compare data modules of one image size")
+        pool = self._pixel_twins()
+        return [
+            (other.images[row].path, self.images[pool[digest][0]].path)
+            for digest, rows in other._pixel_twins().items()
+            if digest in pool
+            for row in rows
+        ]
+
     @property
     def trainer_is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -280,9 +371,12 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for a split")
         rows = np.flatnonzero(self.splits == split)
         if len(rows) == 0:
+            failed = int((self.splits == "skipped").sum())
+            undecoded = f", {failed} of them failed to decode (listed above)" if failed else ""
             raise EmptySplitError(
                 f"the {split} split of {self.root} is empty (split_fractions={list(self.split_fractions)}, "
-                f"{len(self.images)} images found); give it a non-zero fraction or add images"
+                f"{len(self.images)} images found{undecoded}); give it a non-zero fraction, add "
+                "images or replace the unreadable ones"
             )
         return rows
 

@@ -15,6 +15,7 @@ patient cannot keep them with the child's other images.
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import stat
@@ -29,6 +30,10 @@ from pneumonia.data.patients import parse_patient_id, patient_id
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+# Images in other formats are skipped with this reason rather than passed over in silence.
+OTHER_IMAGE_SUFFIXES = frozenset(
+    {".bmp", ".tif", ".tiff", ".webp", ".gif", ".jfif", ".jp2", ".heic", ".dcm", ".dicom"}
+)
 EXPECTED_LAYOUT = (
     "expected images below folders named NORMAL and PNEUMONIA, at any depth, e.g. "
     "<root>/train/NORMAL/*.jpeg and <root>/train/PNEUMONIA/*.jpeg (Kaggle's chest_xray layout) "
@@ -56,7 +61,8 @@ class Discovery:
     images: list[LabelledImage]
     #: path -> why it was skipped (dangling link, link loop, FIFO, unreadable folder, ...)
     skipped: dict[str, str] = field(default_factory=dict)
-    #: files that repeat another file's name and byte size (Kaggle's second copy), left out
+    #: files that repeat another file's path below its class folder and byte size (Kaggle's second
+    #: copy), left out
     duplicates: int = 0
     #: kept images whose file name carries no patient id (each is its own patient)
     without_patient_id: list[Path] = field(default_factory=list)
@@ -85,15 +91,23 @@ def discover_images(root: str | Path, require_both_classes: bool = True) -> list
 def scan_images(root: str | Path, require_both_classes: bool = True) -> Discovery:
     """List every image below ``root`` whose path contains a ``NORMAL`` or ``PNEUMONIA`` folder.
 
-    Files with the same name and byte size found twice (Kaggle's archive holds a second copy of the
-    dataset under ``chest_xray/chest_xray``) are kept once. The result is sorted by path, so it does
-    not depend on the order the file system lists folders in. Entries that cannot be images are
-    skipped with one warning (see the module's docstring).
+    A file found twice with the same path below its class folder and the same byte size (Kaggle's
+    archive holds a second copy of the dataset under ``chest_xray/chest_xray``) is kept once. The
+    root's own name labels its images only when no class folder lies below it
+    (``data.root=<...>/NORMAL``); images in no class folder are left out with one warning. The
+    result is sorted by path, so it does not depend on the order the file system lists folders
+    in. Entries that cannot be images are skipped with one warning (see the module's docstring).
 
     Raises:
         DataLayoutError: ``root`` is missing, holds no labelled image, or (``require_both_classes``)
-            holds none of one class.
+            holds none of one class, or holds one image under both labels.
     """
+    if not str(root).strip():
+        # Path("") is the working folder: an empty PNEUMONIA_DATA would train on whatever is there.
+        raise DataLayoutError(
+            "the data root is empty (is PNEUMONIA_DATA set to an empty string?); unset it, set it "
+            f"to a folder or pass data.root=<folder>; {EXPECTED_LAYOUT}."
+        )
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataLayoutError(
@@ -102,15 +116,23 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
         )
     found: list[LabelledImage] = []
     skipped: dict[str, str] = {}
-    seen: set[tuple[str, int]] = set()
+    # (label, path below the class folder, byte size) -> the first such file: Kaggle's second copy
+    copies: dict[tuple[int, str, int], Path] = {}
     duplicates = 0
+    outside_class_folders: list[Path] = []  # images in no NORMAL/PNEUMONIA folder below the root
+    named_by_root: list[LabelledImage] = []  # images labelled only by the root's own name
     for dirpath, filenames in walk_folders(root, skipped):
-        # The root's own name counts too: data.root=<...>/NORMAL is a folder of NORMAL images.
-        label = label_of((root.name, *Path(dirpath).relative_to(root).parts))
+        below_root = Path(dirpath).relative_to(root).parts
+        label = label_of(below_root)
+        by_root = label is None and label_of((root.name,)) is not None
+        if by_root:
+            # data.root=<...>/NORMAL is a folder of NORMAL images, unless the root holds class
+            # folders of its own (decided below, once the whole tree was walked).
+            label = label_of((root.name,))
         if label is None:
+            outside_class_folders += image_files(dirpath, filenames, {})
             continue
         for path in image_files(dirpath, filenames, skipped):
-            name = path.name
             try:
                 st = os.stat(path)  # follows links; a dangling or looping one raises
             except OSError as err:
@@ -119,14 +141,28 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
             if not stat.S_ISREG(st.st_mode):
                 skipped[str(path)] = f"{file_kind(st.st_mode)}, not a regular file; never opened"
                 continue
-            key = (name, st.st_size)
-            if key in seen:
+            key = (label, _below_class_folder(path.relative_to(root)), st.st_size)
+            if key in copies:
                 duplicates += 1
                 continue
-            seen.add(key)
-            found.append(LabelledImage(path=path, label=label, patient=patient_id(name)))
+            copies[key] = path
+            image = LabelledImage(path=path, label=label, patient=patient_id(path.name))
+            (named_by_root if by_root else found).append(image)
+    if named_by_root and found:
+        outside_class_folders += [image.path for image in named_by_root]
+    else:
+        found += named_by_root
+    if outside_class_folders:
+        log.warning(
+            "left out %d image(s) under %s that sit in no NORMAL or PNEUMONIA folder (e.g. %s); "
+            "move them into one to use them",
+            len(outside_class_folders),
+            root,
+            ", ".join(str(path) for path in sorted(outside_class_folders)[:3]),
+        )
+    _refuse_one_image_under_two_labels(copies)
     if duplicates:
-        log.info("skipped %d files that repeat another file's name and size", duplicates)
+        log.info("skipped %d files that repeat another file's path and size", duplicates)
     if skipped:
         log.warning(
             "skipped %d entr%s under %s: %s",
@@ -154,9 +190,76 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
             root,
             ", ".join(path.name for path in anonymous[:3]),
         )
+    _warn_of_unlikely_patients(found, root)
     return Discovery(
         images=found, skipped=skipped, duplicates=duplicates, without_patient_id=anonymous
     )
+
+
+# One child with more than this share of the images (and at least the minimum) is more
+# likely file names that repeat across children, e.g. folder-per-patient exports all named
+# IM-0001-0001.jpeg. In the Kermany set no child holds more than 0.6% of the images.
+LARGEST_PATIENT_SHARE = 0.1
+LARGEST_PATIENT_MIN_IMAGES = 20
+
+
+def _warn_of_unlikely_patients(images: list[LabelledImage], root: Path) -> None:
+    """Warn when the patient ids read from file names look wrong: one id under both classes, or one
+    id holding a large share of the images. Either way the split by patient is not what it says."""
+    labels: dict[str, set[int]] = {}
+    counts: dict[str, int] = {}
+    for image in images:
+        labels.setdefault(image.patient, set()).add(image.label)
+        counts[image.patient] = counts.get(image.patient, 0) + 1
+    both = sorted(patient for patient, seen in labels.items() if len(seen) > 1)
+    largest = max(counts, key=counts.__getitem__, default=None)
+    crowded = largest is not None and counts[largest] >= max(
+        LARGEST_PATIENT_MIN_IMAGES, LARGEST_PATIENT_SHARE * len(images)
+    )
+    if both or crowded:
+        found = (
+            f"{len(both)} patient id(s) hold images of both classes (e.g. {', '.join(both[:3])})"
+            if both
+            else f"patient id {largest} holds {counts[largest]} of the {len(images)} images"
+        )
+        log.warning(
+            "%s under %s. Patient ids are read from file names (person<N>_*, IM-<N>-*); if these "
+            "names repeat across children, the split by patient puts all of them on one side: "
+            "rename the files so each child's id is in its name, or use data.group_by=image",
+            found,
+            root,
+        )
+
+
+def _below_class_folder(relative: Path) -> str:
+    """The part of ``relative`` below its nearest NORMAL/PNEUMONIA folder, e.g. ``sub/x.jpeg``."""
+    parts = relative.parts
+    for index in range(len(parts) - 2, -1, -1):
+        if parts[index].upper() in CLASS_NAMES:
+            return "/".join(parts[index + 1 :])
+    return "/".join(parts)
+
+
+def _refuse_one_image_under_two_labels(copies: dict[tuple[int, str, int], Path]) -> None:
+    """Raise if a file under NORMAL has a byte-identical twin at the same place under PNEUMONIA.
+
+    A copy within one class is only a duplicate; across the classes one of the two labels is wrong,
+    and training on both would teach the network both answers for one X-ray.
+    """
+    normal = {(below, size): path for (label, below, size), path in copies.items() if label == 0}
+    conflicts = [
+        (normal[below, size], path)
+        for (label, below, size), path in copies.items()
+        if label == 1
+        and (below, size) in normal
+        and filecmp.cmp(normal[below, size], path, shallow=False)
+    ]
+    if conflicts:
+        listed = "; ".join(f"{a} and {b}" for a, b in sorted(conflicts)[:5])
+        raise DataLayoutError(
+            f"{len(conflicts)} image(s) are filed under both NORMAL and PNEUMONIA with the same "
+            f"content: {listed}. One label of each is wrong; delete the wrong copy"
+        )
 
 
 def walk_folders(root: Path, skipped: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
@@ -188,9 +291,15 @@ def walk_folders(root: Path, skipped: dict[str, str]) -> Iterator[tuple[str, lis
 
 
 def image_files(dirpath: str, filenames: list[str], skipped: dict[str, str]) -> Iterator[Path]:
-    """The visible files with an image suffix among ``filenames``; non-UTF-8 names are skipped."""
+    """The visible files with an image suffix among ``filenames``; non-UTF-8 names and images in
+    other formats (BMP, TIFF, WebP, DICOM, ...) are added to ``skipped`` with the reason."""
     for name in filenames:
-        if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        suffix = Path(name).suffix.lower()
+        if is_hidden(name) or suffix not in IMAGE_SUFFIXES:
+            if not is_hidden(name) and suffix in OTHER_IMAGE_SUFFIXES and has_utf8_name(name):
+                skipped[str(Path(dirpath, name))] = (
+                    f"a {suffix} file: only JPEG and PNG are read; convert it to PNG"
+                )
             continue
         path = Path(dirpath, name)
         if not has_utf8_name(path):

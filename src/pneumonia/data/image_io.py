@@ -25,10 +25,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Modes whose values do not fit 0..255 and must be rescaled rather than clipped by convert("L").
 _WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: 16-bit and float images are stretched to 0..255 between these percentiles of their pixels.
+STRETCH_PERCENTILES = (0.1, 99.9)
 
 #: Largest image accepted, in pixels (width x height): 6000 x 6000 = 36 MP. The Kaggle originals are
 #: at most about 2900 x 2900 (8.4 MP; 2172 x 1963 in ../shared/data/originals) and a 43 x 43 cm
@@ -114,7 +116,8 @@ def load_grayscale(path: str | Path, image_size: int) -> np.ndarray:
     RGB PNGs) is flattened by compositing over black, ``gray * alpha / 255``, at full size before
     resizing: black is an X-ray's "no signal" (air, outside the detector), and the colour a
     transparent pixel happens to store is arbitrary, so dropping the alpha band would let hidden
-    values through. 16-bit images are rescaled over their (partly) opaque pixels only.
+    values through. 16-bit images are stretched between the 0.1st and 99.9th percentiles of their
+    (partly) opaque pixels.
 
     Raises:
         OSError: the file is unreadable or not an image (PIL's ``UnidentifiedImageError``
@@ -197,7 +200,14 @@ def _to_square_gray(img: Image.Image, path: str | Path, image_size: int) -> np.n
         values = np.asarray(img, dtype=np.float32)
         alpha = _wide_alpha(img, values)
         opaque = values[alpha > 0] if alpha is not None else values
-        low, high = (float(opaque.min()), float(opaque.max())) if opaque.size else (0.0, 0.0)
+        # Between the 0.1st and 99.9th percentiles, not min..max: one hot or dead pixel (a
+        # detector defect, a burned-in marker at full scale) would squeeze the X-ray itself into a
+        # few grey levels.
+        low, high = (
+            (float(v) for v in np.percentile(opaque, STRETCH_PERCENTILES))
+            if opaque.size
+            else (0.0, 0.0)
+        )
         gray = (
             np.clip((values - low) * (255.0 / (high - low)), 0, 255) if high > low else values * 0
         )
@@ -227,3 +237,26 @@ def _wide_alpha(img: Image.Image, values: np.ndarray) -> np.ndarray | None:
 def _resize(img: Image.Image, image_size: int) -> np.ndarray:
     img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
+
+
+def decode_or_reason(path: str | Path, image_size: int) -> np.ndarray | str:
+    """:func:`load_grayscale`'s image, or why ``path`` cannot be read (never raises for a bad file).
+
+    Broad on purpose: one odd file must never stop a run. :func:`load_grayscale` turns the known
+    cases into ``OSError`` or ``ValueError``, but PIL's plugins raise many other types on malformed
+    input (``struct.error``, ``IndexError``, ``EOFError``, ``MemoryError``, ...). The type is kept
+    in the reason, so a bug that fails every file shows as the same error on every file.
+    """
+    try:
+        return load_grayscale(path, image_size)
+    except UnidentifiedImageError:
+        # PIL's own words name an internal file object; say what the file is instead.
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError:
+            empty = False
+        return "UnidentifiedImageError: " + (
+            "an empty file" if empty else "not a JPEG or PNG image"
+        )
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"

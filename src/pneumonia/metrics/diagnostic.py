@@ -23,24 +23,30 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
-def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    # 0 where undefined, as scikit-learn's zero_division=0.
+def _ratio(
+    numerator: torch.Tensor, denominator: torch.Tensor, undefined: float = 0.0
+) -> torch.Tensor:
+    # ``undefined`` where the denominator is 0: 0 by default, as scikit-learn's zero_division=0.
     numerator, denominator = numerator.double(), denominator.double()
     return torch.where(
-        denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator)
+        denominator > 0,
+        numerator / denominator.clamp(min=1),
+        torch.full_like(numerator, undefined),
     )
 
 
 def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     """Metrics of a 2x2 confusion matrix ``[[tn, fp], [fn, tp]]`` (rows: true class, columns: predicted)."""
     (tn, fp), (fn, tp) = confusion.double()
-    recall = _ratio(tp, tp + fn)
-    specificity = _ratio(tn, tn + fp)
+    # A class absent from the data has no recall: NaN (reported as n/a, like AUROC), not a 0
+    # that reads as "every image of it was missed".
+    recall = _ratio(tp, tp + fn, undefined=float("nan"))
+    specificity = _ratio(tn, tn + fp, undefined=float("nan"))
     precision = _ratio(tp, tp + fp)
     # Mean recall over the classes present, as scikit-learn's balanced_accuracy_score: a split with
     # no NORMAL image must not score half its sensitivity.
     present = torch.stack([tn + fp > 0, tp + fn > 0]).double()
-    rates = torch.stack([specificity, recall])
+    rates = torch.stack([specificity, recall]).nan_to_num(0.0)
     balanced = (rates * present).sum() / present.sum().clamp(min=1)
     return {
         "balanced_accuracy": balanced,

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tqdm.auto import tqdm
 
+from pneumonia import CLASS_NAMES
 from pneumonia.errors import NonFiniteOutputError
 from pneumonia.metrics.calibration import expected_calibration_error
 from pneumonia.metrics.diagnostic import METRIC_NAMES, DiagnosticMetrics
@@ -86,8 +87,9 @@ def evaluate_external_sets(
     """Evaluate ``module`` on each of ``datamodule.external_tests`` (name -> folder).
 
     Returns:
-        name -> :func:`evaluate_predictions` entry, plus ``"folder"`` and ``"skipped"`` (files that
-        could not be read, counted).
+        name -> :func:`evaluate_predictions` entry, plus ``"folder"``, ``"skipped"`` (files that
+        could not be read, counted) and ``"copies_of_pool_images"`` (images equal, pixel for pixel,
+        to one of the training pool's).
     """
     predict_batch = batch_predictor(module, device)
     results: dict[str, dict[str, Any]] = {}
@@ -98,6 +100,20 @@ def evaluate_external_sets(
         result = evaluate_predictions(probabilities, targets, module.threshold)
         result["folder"] = str(folder)
         result["skipped"] = int((external.splits == "skipped").sum()) + len(external.skipped_files)
+        copies = datamodule.copies_in_pool(external)
+        result["copies_of_pool_images"] = len(copies)
+        if copies:
+            log.warning(
+                "%d of the %d images of external test set %s are copies of training-pool images "
+                "(pixel for pixel at %d px, e.g. %s = %s): its figures are partly in-pool. Remove "
+                "them from %s",
+                len(copies),
+                result["images"],
+                name,
+                datamodule.image_size,
+                *copies[0],
+                folder,
+            )
         results[name] = result
         log.info(
             "external test set %s (%d images, %s): %s",
@@ -106,6 +122,17 @@ def evaluate_external_sets(
             folder,
             ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()),
         )
+        present = {CLASS_NAMES[int(label)] for label in targets.unique()}
+        if len(present) == 1:
+            (only,) = present
+            log.warning(
+                "external test set %s holds %s images only: its balanced accuracy is their recall "
+                "alone, which a model calling every image %s maximises; specificity or recall and "
+                "AUROC are n/a. Rank models on a set with both classes",
+                name,
+                only,
+                only,
+            )
     return results
 
 

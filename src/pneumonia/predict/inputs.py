@@ -41,9 +41,15 @@ class Inputs:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def path_label(path: Path) -> str | None:
-    """``NORMAL`` or ``PNEUMONIA`` when a folder in ``path`` is named so (the nearest wins), else None."""
-    index = label_of(path.parent.parts)
+def path_label(path: Path, root: Path | None = None) -> str | None:
+    """``NORMAL`` or ``PNEUMONIA`` when a folder names the image's class, else None.
+
+    Only folders the user pointed at count: below ``root`` (a folder given as ``images=``) and the
+    root itself (the nearest wins), or else the image's own folder. A folder further up, such as
+    a checkout called ``pneumonia``, says nothing about the image.
+    """
+    folders = (root.name, *path.parent.relative_to(root).parts) if root else (path.parent.name,)
+    index = label_of(folders)
     return None if index is None else CLASS_NAMES[index]
 
 
@@ -79,7 +85,8 @@ def _walk(root: Path) -> Inputs:
     skipped: dict[str, str] = {}
     for dirpath, filenames in walk_folders(root, skipped):
         found.extend(
-            InputImage(file, path_label(file)) for file in image_files(dirpath, filenames, skipped)
+            InputImage(file, path_label(file, root))
+            for file in image_files(dirpath, filenames, skipped)
         )
     found.sort(key=lambda item: str(item.path))
     if not found:

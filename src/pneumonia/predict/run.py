@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from pneumonia import CLASS_NAMES, is_whole_number
 from pneumonia.config import check_ckpt_path, check_threshold_override
-from pneumonia.data.image_io import load_grayscale
+from pneumonia.data.image_io import decode_or_reason
 from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError, NonFiniteOutputError
 from pneumonia.model.classifier import XrayClassifier
@@ -141,23 +140,6 @@ def load_classifier(ckpt_path: Path, device: torch.device) -> XrayClassifier:
     return module.eval()
 
 
-def decode(path: Path, image_size: int) -> np.ndarray | str:
-    """The image as ``(S, S)`` uint8, or why it cannot be read (never raises for a bad file)."""
-    try:
-        return load_grayscale(path, image_size)
-    except UnidentifiedImageError:
-        # PIL's own words name an internal file object; say what the file is instead.
-        try:
-            empty = os.path.getsize(path) == 0
-        except OSError:
-            empty = False
-        return "UnidentifiedImageError: " + (
-            "an empty file" if empty else "not a JPEG or PNG image"
-        )
-    except Exception as err:  # one bad file (PIL raises many kinds) never stops the others
-        return f"{type(err).__name__}: {err}"
-
-
 def score_images(
     module: XrayClassifier,
     images: Sequence[InputImage],
@@ -180,8 +162,8 @@ def score_images(
     def start(batch: Sequence[InputImage]) -> Callable[[], list[np.ndarray | str]]:
         """Start decoding ``batch`` (in the threads, if any); the returned call waits for it."""
         if pool is None:
-            return lambda: [decode(item.path, size) for item in batch]
-        futures = [pool.submit(decode, item.path, size) for item in batch]
+            return lambda: [decode_or_reason(item.path, size) for item in batch]
+        futures = [pool.submit(decode_or_reason, item.path, size) for item in batch]
         return lambda: [future.result() for future in futures]
 
     bar = tqdm(total=len(images), desc="predicting", unit="img", disable=not progress)

@@ -12,8 +12,11 @@ processes, so this holds plain settings and imports the summary (and matplotlib)
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("pneumonia")
+SUMMARY_LOCK = ".summary.lock"
 
 
 def sweep_dir(config: DictConfig) -> Path | None:
@@ -88,7 +92,10 @@ class SummarizeSweep(Callback):
         try:
             from pneumonia.sweeps.summary import SUMMARY_MD, summarize
 
-            summary = summarize(folder, metric=self.metric, mode=self.mode, plots=self.plots)
+            # Jobs of a parallel launcher end at once: one summary at a time, each reading every
+            # run's status afresh, so the last one written is never older than another.
+            with _summary_lock(folder):
+                summary = summarize(folder, metric=self.metric, mode=self.mode, plots=self.plots)
         except Exception as error:
             log.warning(
                 "the sweep in %s was not summarised: %s: %s (retry: python -m pneumonia.compare %s)",
@@ -109,3 +116,16 @@ class SummarizeSweep(Callback):
             summary.metric,
             "n/a" if score is None else f"{score:.4f}",
         )
+
+
+@contextmanager
+def _summary_lock(folder: Path) -> Iterator[None]:
+    if not folder.is_dir():  # summarize() says what is wrong with it
+        yield
+        return
+    descriptor = os.open(folder / SUMMARY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # a summary takes seconds at most
+        yield
+    finally:
+        os.close(descriptor)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pneumonia.errors import SweepError
 
@@ -98,12 +98,16 @@ def run_search(sweep: Callable[[], None], config: DictConfig) -> None:
         study = _load(storage, sweeper.study_name) if storage else None
         if study is None or _count(study, "COMPLETE"):
             raise
+        name, trials = str(sweeper.study_name), len(study.get_trials(deepcopy=False))
+        if not trials:
+            raise SweepError(
+                f"Optuna study {name!r} has no trial: give optuna_trials a number above 0"
+            ) from None
         summary = Path(str(config.hydra.sweep.dir)) / "summary.md"
         raise SweepError(
-            f"Optuna study {str(sweeper.study_name)!r} has no completed trial: all "
-            f"{len(study.get_trials(deepcopy=False))} failed. Each trial's error is in {summary} "
-            "and in its folder's debug.log. Fix the cause and rerun the same command: failed "
-            "trials do not count towards optuna_trials."
+            f"Optuna study {name!r} has no completed trial: all {trials} failed. Each trial's "
+            f"error is in {summary} and in its folder's debug.log. Fix the cause and rerun the "
+            "same command: failed trials do not count towards optuna_trials."
         ) from None
 
 
@@ -124,11 +128,18 @@ def prepare_study(config: DictConfig) -> str | None:
     storage = str(storage)
     if storage.startswith(SQLITE):
         Path(storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
-    study = _load(storage, sweeper.study_name)
-    if study is None:
-        return storage
     import optuna
 
+    study = _load(storage, sweeper.study_name)
+    if study is None:
+        # Created here (the sweeper loads it) so that it records what it searches under.
+        study = optuna.create_study(
+            study_name=str(sweeper.study_name),
+            storage=storage,
+            directions=_directions(sweeper.direction),
+            load_if_exists=True,
+        )
+    _check_same_fixed_settings(study, config)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -147,6 +158,48 @@ def prepare_study(config: DictConfig) -> str | None:
         sweeper.n_trials,
     )
     return storage
+
+
+#: The study's record of the overrides its trials share (user attribute).
+FIXED_SETTINGS = "pneumonia_fixed_overrides"
+# Overrides that say where a search runs or for how long, not what it searches.
+_NOT_SETTINGS = frozenset({"optuna_trials", "hparams_search", "paths.log_dir", "data.cache_dir"})
+
+
+def fixed_settings(config: DictConfig) -> list[str]:
+    """The command line's overrides that every trial shares (``image_size=64``, ``debug=limit``):
+    all but the searched parameters and where the search keeps its files, sorted."""
+    from pneumonia.hydra_hooks import override_key
+
+    searched = {str(key).lstrip("+~") for key in (config.hydra.sweeper.get("params") or {})}
+    task = OmegaConf.select(config, "hydra.overrides.task") or []
+    return sorted(str(o) for o in task if override_key(o) not in searched | _NOT_SETTINGS)
+
+
+def _check_same_fixed_settings(study: Any, config: DictConfig) -> None:
+    """Record the study's fixed settings; refuse to add trials run under other ones.
+
+    TPE learns from every trial of a study and ``optuna_trials`` counts them all: trials of a
+    ``debug=limit`` smoke test, or at another image size, would steer and shorten the real search.
+    """
+    settings = fixed_settings(config)
+    recorded = study.user_attrs.get(FIXED_SETTINGS)
+    if recorded is None:
+        study.set_user_attr(FIXED_SETTINGS, settings)
+        return
+    if list(recorded) != settings:
+        name = str(config.hydra.sweeper.study_name)
+        raise SweepError(
+            f"Optuna study {name!r} was searched with the fixed settings {list(recorded)}, not "
+            f"{settings}: its trials would join and count towards that search. Give this search "
+            f"its own study (hydra.sweeper.study_name={name}_2), or repeat the first one's settings"
+        )
+
+
+def _directions(direction: Any) -> list[str]:
+    """``hydra.sweeper.direction`` (a name or a list of names) as Optuna's list of directions."""
+    names = [direction] if isinstance(direction, str) else list(direction)
+    return [str(getattr(name, "name", name)).lower() for name in names]
 
 
 def _count(study: Any, state: str) -> int:

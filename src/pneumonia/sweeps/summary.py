@@ -43,7 +43,15 @@ from typing import Any
 import yaml
 
 from pneumonia.hydra_hooks import override_key
-from pneumonia.training.status import COMPLETED, FAILED, RUNNING, STATUS_FILE, metric_mode
+from pneumonia.training.status import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    STATUS_FILE,
+    metric_mode,
+    run_is_live,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +176,40 @@ def _number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an integer of 400 digits overflows
         return None
     return number if math.isfinite(number) else None
+
+
+# A run's records are a few KB; anything far larger is not one of them, and is not read.
+MAX_RECORD_BYTES = 16 * 2**20
+
+
+def _read_record(path: Path) -> str | None:
+    """The text of a run's record file; None when absent or not a regular file (a FIFO would
+    block for ever).
+
+    Raises:
+        OSError: unreadable, or over :data:`MAX_RECORD_BYTES`.
+        UnicodeDecodeError: not UTF-8.
+    """
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise OSError(f"{size:,} bytes, more than a run record holds")
+    return path.read_text()
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """``(content, None)``, ``(None, None)`` when absent, ``(None, problem)`` when unreadable."""
     try:
-        if not path.is_file():
+        text = _read_record(path)
+        if text is None:
             return None, None
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        content = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        # RecursionError: nesting deeper than the parser's stack, as a crafted file can have.
         return None, f"{path.name} unreadable: {type(error).__name__}: {_first_line(str(error))}"
     if not isinstance(content, dict):
         return None, f"{path.name} unreadable: not a JSON object"
@@ -188,8 +218,9 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        text = _read_record(path)
+        return None if text is None else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return None
 
 
@@ -224,7 +255,8 @@ class Run:
 
     Attributes:
         folder: relative to the summarised folder (``.`` for the folder itself).
-        status: ``completed``, ``failed``, ``running or interrupted``, ``unknown`` (no
+        status: ``completed``, ``failed``, ``running``, ``interrupted`` (killed: no process holds
+            its lock), ``running or interrupted`` (a run from before the lock), ``unknown`` (no
             ``run_status.json``), or another status as recorded.
         error: the first line of the error (or of why a record could not be read).
         overrides: ``{key: value}`` of the run's task overrides.
@@ -256,6 +288,13 @@ class Run:
         return None
 
 
+def _running_status(folder: Path) -> str:
+    """``running`` while a process holds the run's lock, ``interrupted`` once none does (a killed
+    run); ``running or interrupted`` for runs from before the lock."""
+    live = run_is_live(folder)
+    return RUNNING_OR_INTERRUPTED if live is None else RUNNING if live else INTERRUPTED
+
+
 def read_run(folder: str | Path, root: str | Path | None = None) -> Run:
     """Read one run folder; a missing or broken file leaves its fields empty, it never raises."""
     folder = Path(folder)
@@ -266,7 +305,7 @@ def read_run(folder: str | Path, root: str | Path | None = None) -> Run:
 
     status = record.get("status")
     if isinstance(status, str) and status:
-        run.status = RUNNING_OR_INTERRUPTED if status == RUNNING else status
+        run.status = _running_status(folder) if status == RUNNING else status
     error = record.get("error")
     if isinstance(error, str) and error.strip():
         problems.insert(0, _first_line(error))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from pneumonia.training.status import (
     FAILED,
     INTERRUPTED,
     RunStatus,
+    hold_run_folder,
     read_status,
 )
 
@@ -78,9 +80,16 @@ def run(cfg: DictConfig) -> float | None:
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank != 0:  # strategy=ddp runs this once per rank, in one folder
+        return _run(cfg, output_dir)
+    with hold_run_folder(output_dir):
+        return _run(cfg, output_dir)
+
+
+def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     overrides = task_overrides()
     if cfg.get("fit", True) and is_sweep_job():
-        finished = _finished_job(output_dir, overrides)
+        finished = _finished_job(output_dir, overrides, cfg)
         if finished is not None:
             return finished.get("score")
         cfg = _resume_if_interrupted(cfg, output_dir)
@@ -110,12 +119,13 @@ def run(cfg: DictConfig) -> float | None:
     return score
 
 
-def _finished_job(output_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+def _finished_job(output_dir: Path, overrides: list[str], cfg: DictConfig) -> dict[str, Any] | None:
     """The status of this sweep job if its folder records it completed (then it is skipped).
 
     Raises:
         ConfigError: the folder holds a job with other overrides (a sweep rerun into a folder of
-            another sweep, or two jobs that would share a folder).
+            another sweep, or two jobs that would share a folder), or one trained on another data
+            root (``data.root`` and ``PNEUMONIA_DATA`` do not name a job's folder).
     """
     earlier = read_status(output_dir)
     if earlier is None:
@@ -129,6 +139,7 @@ def _finished_job(output_dir: Path, overrides: list[str]) -> dict[str, Any] | No
         )
     if earlier.get("status") != COMPLETED:
         return None
+    _check_same_data_root(output_dir, cfg)
     log.info(
         "%s finished before (%s = %s): skipped; delete its run_status.json to run it again",
         output_dir,
@@ -136,6 +147,23 @@ def _finished_job(output_dir: Path, overrides: list[str]) -> dict[str, Any] | No
         earlier.get("score"),
     )
     return earlier
+
+
+def _check_same_data_root(output_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to skip a finished job whose checkpoint was trained on another data root."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file() or cfg.data.get("root") is None:
+        return
+    try:
+        trained_on = read_hyperparameters(last).get("split", {}).get("root")
+    except Exception:  # an unreadable record cannot prove anything; skip as before
+        return
+    current = Path(str(cfg.data.root)).expanduser()
+    if trained_on is not None and Path(str(trained_on)).resolve() != current.resolve():
+        raise ConfigError(
+            f"{output_dir} holds a finished run trained on {trained_on}, but this sweep reads "
+            f"{current}; its score is not this data's. Give this sweep its own hydra.sweep.dir"
+        )
 
 
 def _resume_if_interrupted(cfg: DictConfig, output_dir: Path) -> DictConfig:
@@ -179,6 +207,10 @@ class RunRecord:
         """Keep the epoch record as the fit left it: testing a checkpoint restores its callbacks."""
         if self.epochs is not None:
             self.fitted_epochs = self.epochs.state_dict()
+
+    def best_val(self) -> dict[str, float]:
+        """The validation metrics of the epoch whose weights the checkpoint keeps."""
+        return dict(self._progress().get("best_val") or {})
 
     def end(self, status: str, score: float | None = None, error: BaseException | None = None):
         if self.status is None:
@@ -326,7 +358,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
         checkpoint = None
     _refuse_untrained(trainer, checkpoint, resume, cfg, output_dir)
-    score = _best_score(trainer, checkpoint, cfg.optimized_metric)
+    score = _best_score(trainer, checkpoint, cfg.optimized_metric, record.best_val())
     if cfg.get("test", True):
         best = checkpoint.best_model_path if checkpoint is not None else None
         if best is None:
@@ -482,13 +514,24 @@ def _refuse_untrained(
 
 
 def _best_score(
-    trainer: L.Trainer, checkpoint: ModelCheckpoint | None, metric: str
+    trainer: L.Trainer,
+    checkpoint: ModelCheckpoint | None,
+    metric: str,
+    best_val: Mapping[str, float],
 ) -> float | None:
-    """The sweeper's score: the best checkpoint's value when it monitors ``metric``, else the last."""
+    """The sweeper's score: ``metric`` for the weights the run keeps and tests.
+
+    The best checkpoint's score when the checkpoint monitors ``metric``; for another validation
+    metric, its value at the best checkpoint's epoch (``best_val``, the run's ``val_best/``
+    record), not at the last epoch; without a checkpoint, the last value (the final weights are
+    the tested ones).
+    """
     if checkpoint is not None and checkpoint.monitor == metric:
         # ddp_spawn sends back the best path but not the score; the checkpoint file records it.
         score = _as_float(checkpoint.best_model_score)
         return score if score is not None else recorded_score(checkpoint.best_model_path)
+    if checkpoint is not None and metric in best_val:
+        return _as_float(best_val[metric])
     return _as_float(trainer.callback_metrics.get(metric))
 
 

@@ -13,19 +13,36 @@ Fields: ``status``, ``error``, ``overrides`` (the run's Hydra task overrides),
 ``wall_time_s`` is rewritten at every update, so a killed run leaves the time it had spent up to its
 last epoch; a run resumed in its own folder adds its time to that, keeps the first ``started`` and
 counts ``attempts``.
+
+A live run also holds the folder's lock (:func:`hold_run_folder`, an ``flock`` on ``.run.lock`` that
+the kernel releases when the process dies, however it dies). A second process is refused the
+folder while the first holds it: after a sweep killed with SIGKILL, joblib's workers live on and
+finish their jobs, and the rerun would otherwise train the same folder at the same time. The lock
+also tells a ``running`` status of a live run (:func:`run_is_live`) from one a kill left behind.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import json
+import logging
 import math
 import os
+import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pneumonia.errors import RunFolderBusyError
+
+log = logging.getLogger(__name__)
+
 STATUS_FILE = "run_status.json"
+LOCK_FILE = ".run.lock"
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 
 
@@ -134,3 +151,64 @@ def _plain(value: Any) -> Any:
     except (TypeError, ValueError):
         return str(value)
     return number if math.isfinite(number) else None
+
+
+@contextmanager
+def hold_run_folder(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock while a run works in it.
+
+    Raises:
+        RunFolderBusyError: another live process holds it; the message names its process id.
+    """
+    path = Path(folder) / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _lock_exclusive(descriptor)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                # A file system without locks (some network mounts): run unguarded, but say so.
+                log.warning("cannot lock %s (%s): concurrent runs in it are not refused", path, err)
+            else:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+                raise RunFolderBusyError(
+                    f"another process (pid {holder}) is running in {folder}; wait for it to end or "
+                    f"stop it (kill {holder}). A sweep killed outright leaves its joblib workers "
+                    "running their jobs: rerun it once they are done"
+                ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _lock_exclusive(descriptor: int, tries: int = 10) -> None:
+    # A few tries: run_is_live() holds the lock shared for an instant while it looks.
+    for attempt in range(tries):
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
+def run_is_live(folder: Path) -> bool | None:
+    """Whether a process holds ``folder``'s lock now; None for a folder without one (older runs)."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        # Non-blocking: a FIFO planted under the lock's name must not hang a summary.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        return True if err.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+    finally:
+        os.close(descriptor)
+    return False
