@@ -4,6 +4,12 @@ Each refresh of Lightning's bar reads the logged step loss back from the device:
 synchronisation, after which the GPU idles until Python queues the next step. Lightning refreshes
 after every step; :class:`StepProgressBar` does so on the CPU (where reading costs nothing) and
 every ``accelerator_refresh_rate`` steps on an accelerator.
+
+Under DDP the bar lives on rank zero only, and at the end of a training epoch it asks for the
+epoch's values (``train/loss_epoch``) before anyone else has: they are synchronised across the
+ranks when first read, so rank zero alone entered a collective while the others entered the
+next one (the epoch's metrics), and the run died with gloo's "collective mismatch" (or exchanged
+the wrong tensors). :class:`StepProgressBar` reads them on every rank first.
 """
 
 from __future__ import annotations
@@ -35,3 +41,8 @@ class StepProgressBar(TQDMProgressBar):
             self._refresh_rate = self._resolve_refresh_rate(
                 1 if on_cpu else self.accelerator_refresh_rate
             )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            trainer.progress_bar_metrics  # noqa: B018  (every rank syncs the epoch values, in order)
+        super().on_train_epoch_end(trainer, pl_module)
