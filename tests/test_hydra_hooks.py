@@ -133,3 +133,11 @@ def test_a_swept_folder_key_names_the_job_and_similar_values_stay_apart(tmp_path
 
 def test_the_same_overrides_in_another_order_are_the_same_job():
     assert job_identity(["b=2", "a=1"]) == job_identity(["a=1", "b=2"])
+
+
+def test_a_sweep_begun_before_names_were_sorted_keeps_its_folders(tmp_path):
+    (tmp_path / "seed=2,optimizer=sgd").mkdir()  # named in command-line order by an older version
+    root = _sweep_root(tmp_path, ["seed=2", "optimizer=sgd"], ["seed=1,2", "optimizer=adam,sgd"])
+    assert job_dirname(0, _root_=root) == "seed=2,optimizer=sgd"
+    other = _sweep_root(tmp_path, ["seed=1", "optimizer=sgd"], ["seed=1,2", "optimizer=adam,sgd"])
+    assert job_dirname(1, _root_=other) == "optimizer=sgd,seed=1"  # new jobs: sorted

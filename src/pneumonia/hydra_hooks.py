@@ -73,7 +73,15 @@ def job_dirname(job_num: int | str, *, _root_: DictConfig) -> str:
         if (key in swept) if swept is not None else (key not in excluded):
             chosen.append(override)
     # Sorted by key: the same job typed in another order (seed=1 optimizer=sgd) is the same folder.
-    joined = ",".join(sorted(chosen, key=override_key)).strip()
+    name = _folder_name(",".join(sorted(chosen, key=override_key)).strip(), job_num)
+    # A sweep begun before names were sorted keeps its folders (rerun to finish it).
+    legacy = _folder_name(",".join(chosen).strip(), job_num)
+    if legacy != name and (Path(str(hydra_cfg.sweep.dir)) / legacy).is_dir():
+        return legacy
+    return name
+
+
+def _folder_name(joined: str, job_num: int | str) -> str:
     name = joined.replace("/", "_").replace("\\", "_")
     if not name or name in (".", ".."):
         return str(job_num)

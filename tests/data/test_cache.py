@@ -348,3 +348,17 @@ def test_processes_starting_together_build_the_cache_once(data_root, tmp_path):
     logs = [job.communicate(timeout=300)[1] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0, 0]
     assert sum("cached 150 images" in log for log in logs) == 1, logs
+
+
+def test_a_file_system_without_locks_still_builds_the_cache(data_root, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cached = build_or_load(
+        _some_images(data_root, 2), 32, tmp_path / "c", num_workers=1, progress=False
+    )
+    assert cached.valid.all()

@@ -137,6 +137,23 @@ def test_one_xray_under_two_names_across_the_split_is_warned_of(data_root, cache
     assert "on different sides of the split (at 64 px, pixel for pixel)" in caplog.text
 
 
+@pytest.mark.parametrize("copy_name", ["{name}", "copy_{name}", "sub/{name}"])
+def test_one_xray_under_both_labels_is_refused_whatever_its_name(
+    data_root, cache_dir, tmp_path, copy_name
+):
+    root = make_subset(data_root, tmp_path / "chest_xray", per_class=20)
+    normal = sorted((root / "train" / "NORMAL").iterdir())[0]
+    copy = root / "test" / "PNEUMONIA" / copy_name.format(name=normal.name)
+    copy_image(normal, copy)
+    dm = _datamodule(root, cache_dir, image_size=32)
+    dm.prepare_data()
+    with pytest.raises(
+        DataLayoutError,
+        match=rf"1 X-ray\(s\) .* both NORMAL and PNEUMONIA .*{copy.name} \(PNEUMONIA\)",
+    ):
+        dm.setup("fit")
+
+
 def test_an_external_copy_of_pool_images_is_found(data_root, small_root, cache_dir, tmp_path):
     pool = _datamodule(small_root, cache_dir, image_size=32)
     pool.prepare_data()

@@ -64,6 +64,13 @@ def test_one_hot_pixel_does_not_squeeze_a_16_bit_xray_into_a_few_grey_levels(tmp
     assert hot.mean() == pytest.approx(127.5, abs=3)
 
 
+def test_a_16_bit_image_of_nearly_one_value_keeps_what_differs(tmp_path):
+    flat = np.full((256, 256), 1000, dtype=np.uint16)
+    flat[100:104, 100:104] = 3000  # 16 of 65,536 pixels: under the 0.1% the stretch cuts
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    assert load_grayscale(tmp_path / "flat.png", 256).max() == 255
+
+
 def test_corrupt_file_raises_oserror(tmp_path):
     broken = tmp_path / "broken.jpeg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -121,6 +121,15 @@ def test_evaluate_a_checkpoint_on_another_folder(short_run, originals_root, cach
         status["status"] == "completed" and status["optimized_metric"] == "test/balanced_accuracy"
     )
     assert status["score"] == pytest.approx(report["metrics"]["balanced_accuracy"])
+    assert "images only" not in result.stdout + result.stderr
+    # A folder of one class: what it cannot measure is null, and the log says it cannot rank.
+    sick = train(
+        f"ckpt_path={short_run}", f"data.root={originals_root / 'PNEUMONIA'}",
+        f"run_dir={tmp_path / 'sick'}", config_name="eval", cache_dir=cache_dir,
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "sick" / "test_metrics.json").read_text())["metrics"]
+    assert metrics["specificity"] is None and metrics["auroc"] is None
+    assert "holds PNEUMONIA images only" in sick.stdout + sick.stderr
 
 
 def test_missing_data_root_is_a_clear_error(cache_dir, tmp_path):

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pneumonia.errors import SweepError
 from pneumonia.sweeps.optuna_study import (
     LOCK_FILE,
+    fixed_settings,
     prepare_study,
     remaining_trials,
     run_search,
@@ -119,3 +120,18 @@ def test_a_study_refuses_trials_run_under_other_fixed_settings(tmp_path):
     with pytest.raises(SweepError, match=r"fixed settings \['debug=limit', 'image_size=64'\], not "
                                          r"\['image_size=128'\].*study_name=s_2"):  # fmt: skip
         prepare_study(_search(tmp_path / "sweep", storage, ["image_size=128", "optuna_trials=5"]))
+
+
+def test_fixed_settings_hold_pinned_search_keys_and_the_data_root_not_where_trials_run(tmp_path):
+    task = [
+        "optimizer.lr=0.01",  # a searched key pinned to one value: Optuna does not search it
+        "+optimizer.weight_decay=0.1",
+        "paths.cache_dir=/fast/cache", "trainer.devices=2", "data.num_workers=4", "optuna_trials=3",
+    ]  # fmt: skip
+    config = _search(tmp_path, None, task)
+    config.data = {"root": str(tmp_path / "data" / ".." / "data")}
+    assert fixed_settings(config) == [
+        "+optimizer.weight_decay=0.1", f"data.root={tmp_path / 'data'}", "optimizer.lr=0.01",
+    ]  # fmt: skip
+    config.hydra.overrides.task = ["optimizer.lr=tag(log, interval(0.001, 0.1))"]  # the space
+    assert fixed_settings(config) == [f"data.root={tmp_path / 'data'}"]

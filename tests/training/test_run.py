@@ -56,3 +56,5 @@ def test_the_score_of_an_unmonitored_val_metric_is_that_of_the_kept_weights():
     assert _best_score(trainer, checkpoint, "val/auroc", best_val) == pytest.approx(0.88)
     assert _best_score(trainer, checkpoint, "val/balanced_accuracy", best_val) == pytest.approx(0.9)
     assert _best_score(trainer, None, "val/auroc", best_val) == pytest.approx(0.47)  # final weights
+    # NaN at the kept epoch (best_val leaves it out): no score, not the last epoch's.
+    assert _best_score(trainer, checkpoint, "val/auroc", {"val/balanced_accuracy": 0.9}) is None

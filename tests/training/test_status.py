@@ -109,3 +109,17 @@ def test_one_process_at_a_time_works_in_a_run_folder(tmp_path):
         assert run_is_live(tmp_path) is True
     with hold_run_folder(tmp_path):  # released on leaving: the same process may run it again
         pass
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with hold_run_folder(tmp_path):  # not refused as if another process held it
+        pass
+    assert "concurrent runs in it are not refused" in caplog.text
+    assert run_is_live(tmp_path) is None

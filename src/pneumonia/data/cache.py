@@ -37,7 +37,6 @@ Other guarantees:
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -58,6 +57,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pneumonia.data.image_io import decode_or_reason
+from pneumonia.locks import close_lock_file, open_lock_file, try_lock, wait_lock
 
 log = logging.getLogger(__name__)
 
@@ -317,27 +317,26 @@ def _write_problem(folder: Path) -> str | None:
 def _one_builder(folder: Path, name: str) -> Iterator[bool]:
     """Build a cache in one process at a time; the others wait, then load what it built.
 
-    Yields whether it had to wait for another process.
-
     Sweep jobs that start together (``hydra/launcher=shared_device``) would otherwise all decode
-    the same images into the same cache.
+    the same images into the same cache. Yields whether it had to wait for another process.
     """
     try:
-        descriptor = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = open_lock_file(folder / f"{name}.lock")
     except OSError:  # the folder takes files (checked) but not this one: build unguarded
         yield False
         return
-    waited = False
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log.info("another process is building %s: waiting for it", folder / f"{name}.npy")
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            waited = True
+            waited = not try_lock(descriptor)
+            if waited:
+                log.info("another process is building %s: waiting for it", folder / f"{name}.npy")
+                wait_lock(descriptor)
+        except OSError as err:
+            log.warning("cannot lock %s (%s): concurrent builds are not prevented", folder, err)
+            waited = False
         yield waited
     finally:
-        os.close(descriptor)
+        close_lock_file(descriptor)
 
 
 def _writable_folder(folder: Path) -> Path:

@@ -269,6 +269,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.splits = splits
         counts = {s: int((splits == s).sum()) for s in SPLITS}
         log.info("split of %d images by %s: %s", len(splits), self.group_by, counts)
+        self._refuse_one_xray_under_two_labels()
         if self.require_both_classes:
             self._check_both_classes_decoded(labels, cache)
         self._warn_of_copies_across_splits()
@@ -320,6 +321,28 @@ class ChestXrayDataModule(L.LightningDataModule):
             for row, digest in zip(rows, pixel_digests(cache.pixels, rows), strict=True):
                 self._twins.setdefault(digest, []).append(int(row))
         return self._twins
+
+    def _refuse_one_xray_under_two_labels(self) -> None:
+        """Refuse an X-ray filed under both NORMAL and PNEUMONIA, pixel for pixel, whatever the
+        files' names: one of the labels is wrong, and training on both teaches both answers."""
+        conflicts = [
+            rows
+            for rows in self._pixel_twins().values()
+            if len({self.images[row].label for row in rows}) > 1
+        ]
+        if conflicts:
+            listed = "; ".join(
+                " = ".join(
+                    f"{self.images[row].path} ({CLASS_NAMES[self.images[row].label]})"
+                    for row in rows
+                )
+                for rows in conflicts[:5]
+            )
+            raise DataLayoutError(
+                f"{len(conflicts)} X-ray(s) under {self.root} are filed under both NORMAL and "
+                f"PNEUMONIA (the same pixels at {self.image_size} px): {listed}. One label of "
+                "each is wrong; delete the wrong copy"
+            )
 
     def _warn_of_copies_across_splits(self) -> None:
         """Warn when one X-ray, under two file names, sits on two sides of the split.

@@ -15,7 +15,6 @@ patient cannot keep them with the child's other images.
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import os
 import stat
@@ -100,7 +99,7 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
 
     Raises:
         DataLayoutError: ``root`` is missing, holds no labelled image, or (``require_both_classes``)
-            holds none of one class, or holds one image under both labels.
+            holds none of one class.
     """
     if not str(root).strip():
         # Path("") is the working folder: an empty PNEUMONIA_DATA would train on whatever is there.
@@ -160,7 +159,6 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
             root,
             ", ".join(str(path) for path in sorted(outside_class_folders)[:3]),
         )
-    _refuse_one_image_under_two_labels(copies)
     if duplicates:
         log.info("skipped %d files that repeat another file's path and size", duplicates)
     if skipped:
@@ -238,28 +236,6 @@ def _below_class_folder(relative: Path) -> str:
         if parts[index].upper() in CLASS_NAMES:
             return "/".join(parts[index + 1 :])
     return "/".join(parts)
-
-
-def _refuse_one_image_under_two_labels(copies: dict[tuple[int, str, int], Path]) -> None:
-    """Raise if a file under NORMAL has a byte-identical twin at the same place under PNEUMONIA.
-
-    A copy within one class is only a duplicate; across the classes one of the two labels is wrong,
-    and training on both would teach the network both answers for one X-ray.
-    """
-    normal = {(below, size): path for (label, below, size), path in copies.items() if label == 0}
-    conflicts = [
-        (normal[below, size], path)
-        for (label, below, size), path in copies.items()
-        if label == 1
-        and (below, size) in normal
-        and filecmp.cmp(normal[below, size], path, shallow=False)
-    ]
-    if conflicts:
-        listed = "; ".join(f"{a} and {b}" for a, b in sorted(conflicts)[:5])
-        raise DataLayoutError(
-            f"{len(conflicts)} image(s) are filed under both NORMAL and PNEUMONIA with the same "
-            f"content: {listed}. One label of each is wrong; delete the wrong copy"
-        )
 
 
 def walk_folders(root: Path, skipped: dict[str, str]) -> Iterator[tuple[str, list[str]]]:

@@ -208,6 +208,8 @@ def _to_square_gray(img: Image.Image, path: str | Path, image_size: int) -> np.n
             if opaque.size
             else (0.0, 0.0)
         )
+        if high <= low and opaque.size:  # nearly every pixel one value: stretch over them all
+            low, high = float(opaque.min()), float(opaque.max())
         gray = (
             np.clip((values - low) * (255.0 / (high - low)), 0, 255) if high > low else values * 0
         )

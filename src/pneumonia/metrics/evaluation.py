@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -122,18 +122,25 @@ def evaluate_external_sets(
             folder,
             ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()),
         )
-        present = {CLASS_NAMES[int(label)] for label in targets.unique()}
-        if len(present) == 1:
-            (only,) = present
-            log.warning(
-                "external test set %s holds %s images only: its balanced accuracy is their recall "
-                "alone, which a model calling every image %s maximises; specificity or recall and "
-                "AUROC are n/a. Rank models on a set with both classes",
-                name,
-                only,
-                only,
-            )
+        warn_if_one_class(f"external test set {name}", result["confusion_matrix"])
     return results
+
+
+def warn_if_one_class(what: str, confusion_matrix: Sequence[Sequence[int]]) -> None:
+    """Warn that an evaluated set of one class (rows of ``confusion_matrix``: true classes)
+    cannot rank models: its balanced accuracy is that class's recall alone, which a model calling
+    every image that class maximises."""
+    present = [CLASS_NAMES[k] for k, row in enumerate(confusion_matrix) if sum(row) > 0]
+    if len(present) == 1:
+        (only,) = present
+        log.warning(
+            "%s holds %s images only: its balanced accuracy is their recall alone, which a model "
+            "calling every image %s maximises; specificity or recall and AUROC are n/a. Rank "
+            "models on a set with both classes",
+            what,
+            only,
+            only,
+        )
 
 
 def external_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -12,7 +12,6 @@ processes, so this holds plain settings and imports the summary (and matplotlib)
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -120,12 +119,18 @@ class SummarizeSweep(Callback):
 
 @contextmanager
 def _summary_lock(folder: Path) -> Iterator[None]:
-    if not folder.is_dir():  # summarize() says what is wrong with it
+    from pneumonia.locks import close_lock_file, open_lock_file, wait_lock
+
+    try:
+        descriptor = open_lock_file(folder / SUMMARY_LOCK)
+    except OSError:  # no such folder, or read-only: summarize() says what is wrong with it
         yield
         return
-    descriptor = os.open(folder / SUMMARY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)  # a summary takes seconds at most
+        try:
+            wait_lock(descriptor)  # a summary takes seconds at most
+        except OSError as error:
+            log.warning("summaries of %s are not serialised: cannot lock (%s)", folder, error)
         yield
     finally:
-        os.close(descriptor)
+        close_lock_file(descriptor)

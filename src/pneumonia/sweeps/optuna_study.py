@@ -22,9 +22,7 @@ Optuna is imported only when a search runs (it is in the ``sweep`` extra).
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pneumonia.errors import SweepError
+from pneumonia.locks import close_lock_file, open_lock_file, try_lock
 
 log = logging.getLogger("pneumonia")
 SQLITE = "sqlite:///"
@@ -162,18 +161,41 @@ def prepare_study(config: DictConfig) -> str | None:
 
 #: The study's record of the overrides its trials share (user attribute).
 FIXED_SETTINGS = "pneumonia_fixed_overrides"
-# Overrides that say where a search runs or for how long, not what it searches.
-_NOT_SETTINGS = frozenset({"optuna_trials", "hparams_search", "paths.log_dir", "data.cache_dir"})
+# Overrides that say how many trials there are or how the machine runs them, not what they are
+# (with those of the HPARAMS tab: where a run reads or writes, how it reports).
+_NOT_SETTINGS = ("optuna_trials", "trainer.devices", "trainer.accelerator", "trainer.strategy")
+_NOT_SETTING_PREFIXES = ("data.num_workers", "data.decode_workers", "data.pin_memory",
+                         "data.batches_on_device")  # fmt: skip
 
 
 def fixed_settings(config: DictConfig) -> list[str]:
-    """The command line's overrides that every trial shares (``image_size=64``, ``debug=limit``):
-    all but the searched parameters and where the search keeps its files, sorted."""
-    from pneumonia.hydra_hooks import override_key
+    """What every trial of the search shares, sorted: the command line's overrides (``image_size=64``,
+    ``debug=limit``, a searched key pinned to one value) but the search space itself and where or
+    how the trials run, plus the data root the trials read (an environment variable can move it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pneumonia.training.hparams_session import (
+        NOT_HYPERPARAMETER_PREFIXES,
+        NOT_HYPERPARAMETERS,
+    )
 
     searched = {str(key).lstrip("+~") for key in (config.hydra.sweeper.get("params") or {})}
-    task = OmegaConf.select(config, "hydra.overrides.task") or []
-    return sorted(str(o) for o in task if override_key(o) not in searched | _NOT_SETTINGS)
+    parser = OverridesParser.create()
+    settings = []
+    for text in OmegaConf.select(config, "hydra.overrides.task") or []:
+        override = parser.parse_override(str(text))
+        key = override.get_key_element().lstrip("+~")
+        if (
+            (key in searched and override.is_sweep_override())
+            or key in (*NOT_HYPERPARAMETERS, *_NOT_SETTINGS)
+            or key.startswith((*NOT_HYPERPARAMETER_PREFIXES, *_NOT_SETTING_PREFIXES))
+        ):
+            continue
+        settings.append(str(text))
+    root = OmegaConf.select(config, "data.root", default=None, throw_on_resolution_failure=False)
+    if root:
+        settings.append(f"data.root={Path(str(root)).expanduser().resolve()}")
+    return sorted(settings)
 
 
 def _check_same_fixed_settings(study: Any, config: DictConfig) -> None:
@@ -213,13 +235,16 @@ def _lock(sweep_dir: Path, study_name: str) -> None:
     path = sweep_dir / LOCK_FILE
     if str(path) in _HELD_LOCKS:
         return
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    descriptor = open_lock_file(path)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
+        locked = try_lock(descriptor)
+    except OSError as err:
+        log.warning("cannot lock %s (%s): a second search of the study is not refused", path, err)
+        locked = True
+    if not locked:
+        close_lock_file(descriptor)
         raise SweepError(
             f"another Optuna search of study {study_name!r} is running (it holds {path}); wait "
             "for it, or give this search another hydra.sweeper.study_name"
-        ) from None
+        )
     _HELD_LOCKS[str(path)] = descriptor

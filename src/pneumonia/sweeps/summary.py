@@ -64,6 +64,8 @@ SEED_CSV = "summary_by_seed.csv"
 
 # A run killed outright never rewrites its "running" record: nothing tells it from a live one.
 RUNNING_OR_INTERRUPTED = "running or interrupted"
+# Overrides that differ between invocations of one search without making its runs differ.
+_NOT_SWEPT = frozenset({"optuna_trials", "hparams_search"})
 UNKNOWN = "unknown"
 # Ranked first to last; a status not named here (e.g. "interrupted") goes between.
 _STATUS_ORDER = {COMPLETED: 0, UNKNOWN: 1, FAILED: 3}
@@ -716,7 +718,9 @@ def build_summary(
     ranked = sorted(runs, key=rank)
     override_keys = list(dict.fromkeys(key for run in ranked for key in run.overrides))
     swept_keys = [
-        key for key in override_keys if len({run.overrides.get(key) for run in ranked}) > 1
+        key
+        for key in override_keys
+        if key not in _NOT_SWEPT and len({run.overrides.get(key) for run in ranked}) > 1
     ]
     summary = Summary(
         folder=Path(folder),

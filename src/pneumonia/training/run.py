@@ -27,6 +27,7 @@ from pneumonia.metrics.evaluation import (
     external_scalars,
     log_external_results,
     log_figure,
+    warn_if_one_class,
 )
 from pneumonia.metrics.report import (
     TestReportWriter,
@@ -530,8 +531,8 @@ def _best_score(
         # ddp_spawn sends back the best path but not the score; the checkpoint file records it.
         score = _as_float(checkpoint.best_model_score)
         return score if score is not None else recorded_score(checkpoint.best_model_path)
-    if checkpoint is not None and metric in best_val:
-        return _as_float(best_val[metric])
+    if checkpoint is not None and metric.startswith("val/") and best_val:
+        return _as_float(best_val.get(metric))  # None where it was NaN at that epoch
     return _as_float(trainer.callback_metrics.get(metric))
 
 
@@ -568,6 +569,8 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
     report = _print_report(
         trainer, output_dir, {"checkpoint": str(ckpt_path), "data_root": str(datamodule.root)}
     )
+    if report:
+        warn_if_one_class(f"the evaluated set {datamodule.root}", report["confusion_matrix"])
     score = report["metrics"]["balanced_accuracy"] if report else None
     if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
         device = trainer.strategy.root_device

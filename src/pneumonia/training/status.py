@@ -24,8 +24,6 @@ also tells a ``running`` status of a live run (:func:`run_is_live`) from one a k
 from __future__ import annotations
 
 import datetime
-import errno
-import fcntl
 import json
 import logging
 import math
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import RunFolderBusyError
+from pneumonia.locks import close_lock_file, open_lock_file, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -155,60 +154,53 @@ def _plain(value: Any) -> Any:
 
 @contextmanager
 def hold_run_folder(folder: Path) -> Iterator[None]:
-    """Hold ``folder``'s lock while a run works in it.
+    """Hold ``folder``'s lock while a run works in it (see :mod:`pneumonia.locks`).
 
     Raises:
         RunFolderBusyError: another live process holds it; the message names its process id.
     """
     path = Path(folder) / LOCK_FILE
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        descriptor = open_lock_file(path)
+    except OSError as err:
+        log.warning("cannot lock %s (%s): concurrent runs in it are not refused", path, err)
+        yield
+        return
     try:
         try:
-            _lock_exclusive(descriptor)
+            # A few tries: run_is_live() holds the lock shared for an instant while it looks.
+            held_elsewhere = not try_lock(descriptor, tries=10)
         except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                # A file system without locks (some network mounts): run unguarded, but say so.
-                log.warning("cannot lock %s (%s): concurrent runs in it are not refused", path, err)
-            else:
-                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
-                raise RunFolderBusyError(
-                    f"another process (pid {holder}) is running in {folder}; wait for it to end or "
-                    f"stop it (kill {holder}). A sweep killed outright leaves its joblib workers "
-                    "running their jobs: rerun it once they are done"
-                ) from None
+            log.warning("cannot lock %s (%s): concurrent runs in it are not refused", path, err)
+            held_elsewhere = False
+        if held_elsewhere:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunFolderBusyError(
+                f"another process (pid {holder}) is running in {folder}; wait for it to end or "
+                f"stop it (kill {holder}). A sweep killed outright leaves its joblib workers "
+                "running their jobs: rerun it once they are done"
+            )
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
-
-
-def _lock_exclusive(descriptor: int, tries: int = 10) -> None:
-    # A few tries: run_is_live() holds the lock shared for an instant while it looks.
-    for attempt in range(tries):
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES) or attempt == tries - 1:
-                raise
-            time.sleep(0.05)
+        close_lock_file(descriptor)
 
 
 def run_is_live(folder: Path) -> bool | None:
-    """Whether a process holds ``folder``'s lock now; None for a folder without one (older runs)."""
+    """Whether a process holds ``folder``'s lock now; None for a folder without one (older runs)
+    or where locks cannot be taken."""
     path = Path(folder) / LOCK_FILE
     try:
         # Non-blocking: a FIFO planted under the lock's name must not hang a summary.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        descriptor = open_lock_file(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             return None
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as err:
-        return True if err.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+        return not try_lock(descriptor, shared=True)
+    except OSError:
+        return None
     finally:
-        os.close(descriptor)
-    return False
+        close_lock_file(descriptor)
