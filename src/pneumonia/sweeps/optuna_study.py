@@ -13,7 +13,8 @@ mid-run stays ``RUNNING`` in the study for ever. Here:
 - :func:`run_search` (what the preset's sweeper, ``hydra_plugins.pneumonia_optuna``, runs)
   creates the database's folder and the sweep folder, refuses to start while another search of
   the same study runs (a lock in the sweep folder, held until the search's process ends), marks
-  trials left ``RUNNING`` by a killed search as failed, so the sampler does not wait on them, and
+  trials left ``RUNNING`` by a killed search as failed, so the sampler does not wait on them,
+  refuses to add trials run under other fixed settings (:func:`fixed_settings`) to a study, and
   says plainly when no trial of the study completed. It is a sweeper and not a Hydra callback
   because Hydra turns an exception in a callback into a warning and goes on.
 
@@ -35,8 +36,7 @@ from pneumonia.locks import close_lock_file, open_lock_file, try_lock
 log = logging.getLogger("pneumonia")
 SQLITE = "sqlite:///"
 LOCK_FILE = ".optuna.lock"
-# Open lock files by sweep folder, held for the life of the process (callbacks are pickled into
-# launcher workers, so the descriptor cannot live on the callback).
+# Open lock files by sweep folder, held for the life of the search's process.
 _HELD_LOCKS: dict[str, int] = {}
 
 
