@@ -147,6 +147,23 @@ def test_a_run_folder_another_process_works_in_is_refused(short_run, small_root,
     assert (run_dir / "run_status.json").read_bytes() == status_before  # its record untouched
 
 
+def test_a_finished_sweep_job_trained_on_another_data_root_is_not_skipped(
+    short_run, small_root, originals_root
+):
+    # data.root (or PNEUMONIA_DATA) names no folder: a rerun on other data finds the job finished.
+    from omegaconf import OmegaConf
+
+    from pneumonia.errors import ConfigError
+    from pneumonia.training.run import _finished_job
+
+    overrides = json.loads((short_run / "run_status.json").read_text())["overrides"]
+    same = OmegaConf.create({"data": {"root": str(small_root)}})
+    assert _finished_job(short_run, overrides, same)["status"] == "completed"  # skipped
+    other = OmegaConf.create({"data": {"root": str(originals_root)}})
+    with pytest.raises(ConfigError, match=rf"trained on .*, but this sweep reads {originals_root}"):
+        _finished_job(short_run, overrides, other)
+
+
 def test_a_resume_with_tampered_optimizer_state_is_refused_before_training(
     short_run, small_root, cache_dir, tmp_path
 ):

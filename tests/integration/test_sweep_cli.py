@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -117,19 +116,6 @@ def _optuna(small_root, cache_dir, log_dir, trials):
         f"data.root={small_root}", "debug=limit", "callbacks.attribution_maps=null",
         "hydra.sweeper.params.image_size='choice(32, 64)'", cache_dir=cache_dir,
     )  # fmt: skip
-
-
-def test_a_rerun_on_another_data_root_does_not_skip_to_the_old_score(
-    sweep, originals_root, cache_dir, tmp_path
-):
-    # data.root (or PNEUMONIA_DATA) does not name a job's folder, so the job looks finished.
-    sweep_dir = shutil.copytree(sweep[0], tmp_path / "copy")
-    record = (sweep_dir / GOOD / "run_status.json").read_bytes()
-    result = _sweep(originals_root, cache_dir, sweep_dir)
-    assert result.returncode != 0
-    log = (sweep_dir / GOOD / "debug.log").read_text()
-    assert "holds a finished run trained on" in log and f"sweep reads {originals_root}" in log
-    assert (sweep_dir / GOOD / "run_status.json").read_bytes() == record
 
 
 def test_a_stopped_optuna_search_continues_where_it_stopped(small_root, cache_dir, tmp_path):
