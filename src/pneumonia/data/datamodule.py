@@ -20,7 +20,7 @@ from pneumonia.data.cache import CachedImages, build_or_load, pixel_digests
 from pneumonia.data.class_weights import no_class_weights
 from pneumonia.data.dataset import CachedXrayDataset
 from pneumonia.data.device_batches import DeviceBatches
-from pneumonia.data.discovery import DataLayoutError, LabelledImage, scan_images
+from pneumonia.data.discovery import DataLayoutError, LabelledImage, data_root, scan_images
 from pneumonia.data.splits import GROUPINGS, SPLITS, assign_splits, check_fractions, write_split_csv
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         super().__init__()
         if group_by not in GROUPINGS:
             raise ValueError(f"data.group_by={group_by!r} must be one of {GROUPINGS}")
-        if not str(root).strip():
-            scan_images(root)  # the error for an empty root
-        self.root = Path(root).expanduser()
+        self.root = data_root(root)
         self.image_size = check_image_size(image_size, "data.image_size")
         if not is_whole_number(batch_size) or batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size!r} must be a whole number of at least 1")

@@ -82,6 +82,21 @@ def has_utf8_name(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+def data_root(root: str | Path) -> Path:
+    """``root`` as a path, ``~`` expanded.
+
+    Raises:
+        DataLayoutError: ``root`` is empty: ``Path("")`` is the working folder, so an empty
+            ``PNEUMONIA_DATA`` would train on whatever is there.
+    """
+    if not str(root).strip():
+        raise DataLayoutError(
+            "the data root is empty (is PNEUMONIA_DATA set to an empty string?); unset it, set it "
+            f"to a folder or pass data.root=<folder>; {EXPECTED_LAYOUT}."
+        )
+    return Path(root).expanduser()
+
+
 def discover_images(root: str | Path, require_both_classes: bool = True) -> list[LabelledImage]:
     """The images of :func:`scan_images` (same arguments, same errors), without the report."""
     return scan_images(root, require_both_classes).images
@@ -101,13 +116,7 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
         DataLayoutError: ``root`` is missing, holds no labelled image, or (``require_both_classes``)
             holds none of one class.
     """
-    if not str(root).strip():
-        # Path("") is the working folder: an empty PNEUMONIA_DATA would train on whatever is there.
-        raise DataLayoutError(
-            "the data root is empty (is PNEUMONIA_DATA set to an empty string?); unset it, set it "
-            f"to a folder or pass data.root=<folder>; {EXPECTED_LAYOUT}."
-        )
-    root = Path(root).expanduser()
+    root = data_root(root)
     if not root.is_dir():
         raise DataLayoutError(
             f"data root {root} does not exist or is not a folder. Run `make data` to link the "
@@ -115,22 +124,24 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
         )
     found: list[LabelledImage] = []
     skipped: dict[str, str] = {}
-    # (label, path below the class folder, byte size) -> the first such file: Kaggle's second copy
-    copies: dict[tuple[int, str, int], Path] = {}
+    # (label, path below the class folder, byte size) of every file kept: Kaggle's second copy
+    seen: set[tuple[int, tuple[str, ...], int]] = set()
     duplicates = 0
     outside_class_folders: list[Path] = []  # images in no NORMAL/PNEUMONIA folder below the root
     named_by_root: list[LabelledImage] = []  # images labelled only by the root's own name
+    root_label = label_of((root.name,))
     for dirpath, filenames in walk_folders(root, skipped):
         below_root = Path(dirpath).relative_to(root).parts
         label = label_of(below_root)
-        by_root = label is None and label_of((root.name,)) is not None
+        # data.root=<...>/NORMAL is a folder of NORMAL images, unless the root holds class
+        # folders of its own (decided below, once the whole tree was walked).
+        by_root = label is None and root_label is not None
         if by_root:
-            # data.root=<...>/NORMAL is a folder of NORMAL images, unless the root holds class
-            # folders of its own (decided below, once the whole tree was walked).
-            label = label_of((root.name,))
+            label = root_label
         if label is None:
             outside_class_folders += image_files(dirpath, filenames, {})
             continue
+        below_class = _below_class_folder(below_root)
         for path in image_files(dirpath, filenames, skipped):
             try:
                 st = os.stat(path)  # follows links; a dangling or looping one raises
@@ -140,11 +151,11 @@ def scan_images(root: str | Path, require_both_classes: bool = True) -> Discover
             if not stat.S_ISREG(st.st_mode):
                 skipped[str(path)] = f"{file_kind(st.st_mode)}, not a regular file; never opened"
                 continue
-            key = (label, _below_class_folder(path.relative_to(root)), st.st_size)
-            if key in copies:
+            key = (label, (*below_class, path.name), st.st_size)
+            if key in seen:
                 duplicates += 1
                 continue
-            copies[key] = path
+            seen.add(key)
             image = LabelledImage(path=path, label=label, patient=patient_id(path.name))
             (named_by_root if by_root else found).append(image)
     if named_by_root and found:
@@ -229,13 +240,12 @@ def _warn_of_unlikely_patients(images: list[LabelledImage], root: Path) -> None:
         )
 
 
-def _below_class_folder(relative: Path) -> str:
-    """The part of ``relative`` below its nearest NORMAL/PNEUMONIA folder, e.g. ``sub/x.jpeg``."""
-    parts = relative.parts
-    for index in range(len(parts) - 2, -1, -1):
-        if parts[index].upper() in CLASS_NAMES:
-            return "/".join(parts[index + 1 :])
-    return "/".join(parts)
+def _below_class_folder(folders: tuple[str, ...]) -> tuple[str, ...]:
+    """The folders below the nearest NORMAL/PNEUMONIA one among ``folders`` (all if none)."""
+    for index in range(len(folders) - 1, -1, -1):
+        if folders[index].upper() in CLASS_NAMES:
+            return folders[index + 1 :]
+    return folders
 
 
 def walk_folders(root: Path, skipped: dict[str, str]) -> Iterator[tuple[str, list[str]]]:

@@ -200,16 +200,14 @@ def _to_square_gray(img: Image.Image, path: str | Path, image_size: int) -> np.n
         values = np.asarray(img, dtype=np.float32)
         alpha = _wide_alpha(img, values)
         opaque = values[alpha > 0] if alpha is not None else values
-        # Between the 0.1st and 99.9th percentiles, not min..max: one hot or dead pixel (a
-        # detector defect, a burned-in marker at full scale) would squeeze the X-ray itself into a
-        # few grey levels.
-        low, high = (
-            (float(v) for v in np.percentile(opaque, STRETCH_PERCENTILES))
-            if opaque.size
-            else (0.0, 0.0)
-        )
-        if high <= low and opaque.size:  # nearly every pixel one value: stretch over them all
-            low, high = float(opaque.min()), float(opaque.max())
+        low = high = 0.0
+        if opaque.size:
+            # Between the 0.1st and 99.9th percentiles, not min..max: one hot or dead pixel (a
+            # detector defect, a burned-in marker at full scale) would squeeze the X-ray itself
+            # into a few grey levels.
+            low, high = (float(v) for v in np.percentile(opaque, STRETCH_PERCENTILES))
+            if high <= low:  # nearly every pixel one value: stretch over them all
+                low, high = float(opaque.min()), float(opaque.max())
         gray = (
             np.clip((values - low) * (255.0 / (high - low)), 0, 255) if high > low else values * 0
         )

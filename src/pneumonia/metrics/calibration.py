@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from pneumonia import is_whole_number
+
 log = logging.getLogger(__name__)
 
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
@@ -136,7 +138,7 @@ def _bin_statistics(
     p: np.ndarray, y: np.ndarray, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bin edges, and per bin: count, mean probability, fraction positive (NaN where empty)."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+    if not is_whole_number(n_bins) or n_bins < 1:
         raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Bins [e0, e1), [e1, e2), ..., [e_{n-1}, 1]: 0 falls in the first, 1 in the last.

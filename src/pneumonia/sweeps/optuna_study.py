@@ -163,9 +163,10 @@ def prepare_study(config: DictConfig) -> str | None:
 FIXED_SETTINGS = "pneumonia_fixed_overrides"
 # Overrides that say how many trials there are or how the machine runs them, not what they are
 # (with those of the HPARAMS tab: where a run reads or writes, how it reports).
-_NOT_SETTINGS = ("optuna_trials", "trainer.devices", "trainer.accelerator", "trainer.strategy")
-_NOT_SETTING_PREFIXES = ("data.num_workers", "data.decode_workers", "data.pin_memory",
-                         "data.batches_on_device")  # fmt: skip
+_NOT_SETTINGS = (
+    "optuna_trials", "trainer.devices", "trainer.accelerator", "trainer.strategy",
+    "data.num_workers", "data.decode_workers", "data.pin_memory", "data.batches_on_device",
+)  # fmt: skip
 
 
 def fixed_settings(config: DictConfig) -> list[str]:
@@ -188,7 +189,7 @@ def fixed_settings(config: DictConfig) -> list[str]:
         if (
             (key in searched and override.is_sweep_override())
             or key in (*NOT_HYPERPARAMETERS, *_NOT_SETTINGS)
-            or key.startswith((*NOT_HYPERPARAMETER_PREFIXES, *_NOT_SETTING_PREFIXES))
+            or key.startswith(NOT_HYPERPARAMETER_PREFIXES)
         ):
             continue
         settings.append(str(text))

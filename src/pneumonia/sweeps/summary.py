@@ -62,7 +62,7 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 SEED_CSV = "summary_by_seed.csv"
 
-# A run killed outright never rewrites its "running" record: nothing tells it from a live one.
+# A "running" record of a run from before the run lock: nothing tells a killed run from a live one.
 RUNNING_OR_INTERRUPTED = "running or interrupted"
 # Overrides that differ between invocations of one search without making its runs differ.
 _NOT_SWEPT = frozenset({"optuna_trials", "hparams_search"})

@@ -85,22 +85,28 @@ def schedule_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[
 
 
 def schedule_differences(configured: dict[str, Any], restored: dict[str, Any]) -> list[str]:
-    """``"<key>: <configured> -> <restored>"`` for every setting that differs."""
-    differences = []
-    for part in ("scheduler", "param_groups"):
-        mine, theirs = configured.get(part), restored.get(part)
-        if part == "param_groups":
-            mine = dict(enumerate(mine or []))
-            theirs = dict(enumerate(theirs or []))
-            pairs = [
-                (f"param_groups[{i}].{k}", (mine.get(i) or {}).get(k), (theirs.get(i) or {}).get(k))
-                for i in sorted(mine.keys() | theirs.keys())
-                for k in sorted((mine.get(i) or {}).keys() | (theirs.get(i) or {}).keys())
-            ]
-        else:
-            pairs = [(k, mine.get(k), theirs.get(k)) for k in sorted(mine.keys() | theirs.keys())]
-        differences += [f"{k}: {a!r} -> {b!r}" for k, a, b in pairs if not same_setting(a, b)]
-    return differences
+    """``"<key>: <configured> -> <restored>"`` for every setting that differs: the scheduler's
+    state first, then the param_groups' keys (``param_groups[0].max_lr``)."""
+    mine, theirs = _flat_settings(configured), _flat_settings(restored)
+    return [
+        f"{_setting_name(key)}: {mine.get(key)!r} -> {theirs.get(key)!r}"
+        for key in sorted(mine.keys() | theirs.keys())
+        if not same_setting(mine.get(key), theirs.get(key))
+    ]
+
+
+def _flat_settings(settings: dict[str, Any]) -> dict[tuple[int, str], Any]:
+    """:func:`schedule_settings` as one mapping: ``(-1, key)`` for the scheduler's state,
+    ``(i, key)`` for param_groups[i]'s."""
+    flat = {(-1, key): value for key, value in (settings.get("scheduler") or {}).items()}
+    for index, group in enumerate(settings.get("param_groups") or []):
+        flat.update({(index, key): value for key, value in group.items()})
+    return flat
+
+
+def _setting_name(key: tuple[int, str]) -> str:
+    index, name = key
+    return name if index < 0 else f"param_groups[{index}].{name}"
 
 
 def same_setting(stored: Any, configured: Any) -> bool:

@@ -3,7 +3,7 @@
 Every run folder gets one as soon as the run starts (``running``), rewritten when it ends
 (``completed``, ``failed`` with the first line of its error, or ``interrupted``). Sweep summaries
 (:mod:`pneumonia.sweeps.summary`) rank runs by it, and a rerun of a sweep skips the jobs it marks
-``completed``. A run killed outright stays ``running``: nothing tells it from a live one.
+``completed``. A run killed outright stays ``running``; its lock (below) tells it from a live one.
 
 Fields: ``status``, ``error``, ``overrides`` (the run's Hydra task overrides),
 ``optimized_metric``, ``mode`` (``max``/``min``), ``score``, ``started``, ``finished``,
