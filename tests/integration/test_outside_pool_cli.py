@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import metadata
 
 from tests.integration.conftest import train
+from tests.tensorboard_tab import hparams_tab
 
 SUITE = ("shift_suite.perturbations=[contrast,jpeg]", "shift_suite.severities=[1,3]")
 
@@ -64,12 +64,11 @@ def test_outside_pool_metrics_reach_tensorboard_and_the_hparams_columns(measured
     report = json.loads((run_dir / "test_metrics.json").read_text())
     logged = events.Scalars("shift/robustness")[-1].value
     assert logged == pytest.approx(report["shift_suite"]["score"], abs=1e-6)
-    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
-    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
-    columns = {m.name.tag for m in experiment.metric_infos}
-    assert {"external/originals/auroc", "shift/robustness"} <= columns
-    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
-    assert start.hparams["augmentation"].string_value == "light"  # the recipe, by option name
+    tab = hparams_tab(run_dir)
+    assert {"external/originals/auroc", "shift/robustness"} <= tab.metric_columns
+    (session,) = tab.sessions.values()
+    assert session.hparams["augmentation"] == "light"  # the recipe, by option name
+    assert session.metrics["shift/robustness"] == pytest.approx(logged)
 
 
 def test_the_shift_suite_runs_on_any_checkpoint_on_its_own_test_split(

@@ -9,10 +9,11 @@ import os
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import api_pb2, metadata
+from tensorboard.plugins.hparams import api_pb2
 
 from pneumonia.sweeps.optuna_study import LOCK_FILE
 from tests.integration.conftest import train
+from tests.tensorboard_tab import hparams_tab
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +39,6 @@ def _status(job_dir):
     return json.loads((job_dir / "run_status.json").read_text())
 
 
-def _hparams_session(job_dir):
-    events = EventAccumulator(str(job_dir / "tensorboard"))
-    events.Reload()
-    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
-    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
-    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
-    return events, start, end
-
-
 def test_jobs_are_named_by_what_they_sweep_and_failures_are_recorded(sweep):
     sweep_dir, result = sweep
     assert result.returncode != 0  # Hydra reports the failed job when the sweep ends
@@ -70,17 +62,19 @@ def test_the_sweep_is_ranked_in_one_table_with_the_failed_job_last(sweep):
 
 def test_tensorboard_has_no_placeholders_and_marks_the_failed_run(sweep):
     sweep_dir, _ = sweep
-    events, start, end = _hparams_session(sweep_dir / GOOD)
-    assert (
-        end.status == api_pb2.STATUS_SUCCESS and start.hparams["status"].string_value == "completed"
-    )
-    assert start.hparams["optimizer.lr"].number_value == 0.001
+    tab = hparams_tab(sweep_dir)
+    good = tab.sessions[f"{GOOD}/tensorboard"]
+    assert good.status == api_pb2.STATUS_SUCCESS and good.hparams["status"] == "completed"
+    assert good.hparams["optimizer.lr"] == 0.001
+    assert {"test/balanced_accuracy", "val_best/balanced_accuracy"} <= set(good.metrics)
+    events = EventAccumulator(str(sweep_dir / GOOD / "tensorboard"))
+    events.Reload()
     for tag in ("val/balanced_accuracy", "test/balanced_accuracy", "val_best/balanced_accuracy"):
         steps = [event.step for event in events.Scalars(tag)]
         assert steps and 0 not in steps, f"{tag} has a placeholder at step 0: {steps}"
-    events, start, end = _hparams_session(sweep_dir / DIVERGING)
-    assert end.status == api_pb2.STATUS_FAILURE and start.hparams["status"].string_value == "failed"
-    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("test/")]
+    failed = tab.sessions[f"{DIVERGING}/tensorboard"]
+    assert failed.status == api_pb2.STATUS_FAILURE and failed.hparams["status"] == "failed"
+    assert not [tag for tag in failed.metrics if tag.startswith("test/")]
 
 
 def test_every_console_line_is_printed_once(sweep):

@@ -1,22 +1,15 @@
-"""TensorBoard's HPARAMS session: written at the end, with a status, the recipe, no noise."""
+"""TensorBoard's HPARAMS tab, as TensorBoard shows it: a session per run, written at its end, with a status
+and the recipe; the columns of every run under one logdir."""
 
 from __future__ import annotations
 
+import pytest
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import api_pb2, metadata
+from tensorboard.plugins.hparams import api_pb2
+from torch.utils.tensorboard import SummaryWriter
 
-from pneumonia.training.hparams_session import session_hparams, session_metric_names, write_session
-
-
-def _sessions(log_dir):
-    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
-    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
-    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
-    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
-    return start, end, experiment
+from pneumonia.training.hparams_session import session_hparams, write_session
+from tests.tensorboard_tab import hparams_tab
 
 
 def _config(**extra):
@@ -35,31 +28,57 @@ def _config(**extra):
     )
 
 
-def test_a_failed_run_is_a_failed_session_with_its_recipe(tmp_path):
-    cfg = _config()
-    hparams = session_hparams(cfg, {"optimizer": "sgd"}, ["optimizer.lr=0.01"], "failed")
-    write_session(tmp_path, hparams, session_metric_names(cfg), "failed")
-    start, end, experiment = _sessions(tmp_path)
-    assert end.status == api_pb2.STATUS_FAILURE
-    assert start.hparams["status"].string_value == "failed"
-    assert start.hparams["optimizer"].string_value == "sgd"
-    assert start.hparams["optimizer.lr"].number_value == 0.01
-    assert start.hparams["scheduler"].string_value == "none"
-    metrics = [m.name.tag for m in experiment.metric_infos]
-    assert {"val_best/balanced_accuracy", "val/auroc", "test/recall"} <= set(metrics)
-    assert {"external/site_b/auroc", "shift/robustness"} <= set(metrics)
-    assert "train/loss" not in metrics and "val/loss" not in metrics
+def _run(log_dir, scalars, overrides, status):
+    """A run's scalars and, at its end, its session (what run.py writes)."""
+    with SummaryWriter(str(log_dir)) as writer:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, 3)
+    write_session(log_dir, session_hparams(_config(), {}, overrides, status), status)
+
+
+def test_a_failed_run_is_a_failed_session_with_its_recipe_and_no_test_columns(tmp_path):
+    hparams = session_hparams(_config(), {"optimizer": "sgd"}, ["optimizer.lr=0.01"], "failed")
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        writer.add_scalar("val/auroc", 0.75, 3)
+    write_session(tmp_path / "run", hparams, "failed")
+    tab = hparams_tab(tmp_path)
+    session = tab.sessions["run"]
+    assert session.status == api_pb2.STATUS_FAILURE and session.hparams["status"] == "failed"
+    assert session.hparams["optimizer"] == "sgd" and session.hparams["optimizer.lr"] == 0.01
+    assert session.hparams["scheduler"] == "none"
+    assert tab.metric_columns == {"val/auroc"} and session.metrics == {"val/auroc": 0.75}
 
 
 def test_a_rerun_replaces_the_earlier_session(tmp_path):
-    cfg = _config()
-    write_session(tmp_path, session_hparams(cfg, {}, [], "failed"), ["val/auroc"], "failed")
-    write_session(tmp_path, session_hparams(cfg, {}, [], "completed"), ["val/auroc"], "completed")
-    assert len(list(tmp_path.glob("events.out.tfevents.*.hparams"))) == 1
-    start, end, _ = _sessions(tmp_path)
-    assert (
-        end.status == api_pb2.STATUS_SUCCESS and start.hparams["status"].string_value == "completed"
+    _run(tmp_path / "run", {"val/auroc": 0.5}, [], "failed")
+    _run(tmp_path / "run", {"val/auroc": 0.6}, [], "completed")
+    assert len(list(tmp_path.glob("run/events.out.tfevents.*.hparams"))) == 1
+    session = hparams_tab(tmp_path).sessions["run"]
+    assert session.status == api_pb2.STATUS_SUCCESS and session.hparams["status"] == "completed"
+
+
+def test_sweeps_sharing_a_logdir_show_every_sweeps_columns(tmp_path):
+    """TensorBoard takes one experiment record's columns for a whole logdir (tensorflow/tensorboard
+    #5596): the other sweep's swept keys and external sets would vanish from the tab."""
+    _run(tmp_path / "lr_sweep" / "optimizer.lr=0.1", {"test/auroc": 0.9}, ["optimizer.lr=0.1"],
+         "completed")  # fmt: skip
+    _run(
+        tmp_path / "momentum_sweep" / "optimizer.momentum=0.9",
+        {"test/auroc": 0.8, "external/site_b/auroc": 0.7},
+        ["optimizer.momentum=0.9", "+data.external_tests.site_b=/x"],
+        "completed",
     )
+    tab = hparams_tab(tmp_path)
+    assert {
+        "optimizer.lr",
+        "optimizer.momentum",
+        "data.external_tests.site_b",
+    } <= tab.hparam_columns
+    assert tab.metric_columns == {"test/auroc", "external/site_b/auroc"}
+    momentum = tab.sessions["momentum_sweep/optimizer.momentum=0.9"]
+    assert momentum.hparams["optimizer.momentum"] == 0.9
+    assert momentum.metrics["external/site_b/auroc"] == pytest.approx(0.7)
+    assert tab.sessions["lr_sweep/optimizer.lr=0.1"].hparams["optimizer.lr"] == 0.1
 
 
 def test_where_and_how_a_run_reports_are_not_hyperparameters():

@@ -7,10 +7,17 @@ run ends instead, into its own event file beside the run's scalars:
 - the columns are the run's recipe (the chosen option of each config group), the values it
   overrode, and ``status`` (``completed``, ``failed``, ``interrupted``); the session's end status
   is TensorBoard's success or failure, so the tab's status filter hides or shows failed runs;
-- the metric columns are the last validation epoch (``val/``), the epoch of the tested weights
-  (``val_best/``), the test split (``test/``), the external sets and the shift suite. Their values
-  are the runs' own scalars: a run that failed before testing shows empty test columns, not zeros;
+- the metric columns are the run's own scalars, read by TensorBoard: the last validation epoch
+  (``val/``), the epoch of the tested weights (``val_best/``), the test split (``test/``), the
+  external sets, the shift suite, and the training curves' last values. A run that failed before
+  testing shows empty test columns, not zeros;
 - a rerun or resumed run replaces its earlier session file, so the tab holds one row per run.
+
+No session carries an experiment record (the list of columns). TensorBoard takes the columns of
+the first record it finds for the whole logdir, so with several sweeps under one logdir the
+hyperparameters and external sets of all but one sweep would vanish from the tab
+(tensorflow/tensorboard#5596). Without one, TensorBoard builds the columns from every session's
+hyperparameters and every session's scalars.
 """
 
 from __future__ import annotations
@@ -21,8 +28,6 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pneumonia.hydra_hooks import override_key
-from pneumonia.metrics.diagnostic import METRIC_NAMES
-from pneumonia.metrics.evaluation import external_metric_names
 from pneumonia.training.status import COMPLETED, FAILED
 
 SESSION_SUFFIX = ".hparams"
@@ -37,15 +42,6 @@ NOT_HYPERPARAMETERS = (
 NOT_HYPERPARAMETER_PREFIXES = (
     "hydra", "paths.", "callbacks", "logger", "trainer.enable_", "trainer.log_every_n_steps",
 )  # fmt: skip
-
-
-def session_metric_names(cfg: DictConfig) -> list[str]:
-    """The HPARAMS metric columns of a run with this config."""
-    names = [f"{stage}/{name}" for stage in ("val_best", "val", "test") for name in METRIC_NAMES]
-    names += external_metric_names(cfg.data.get("external_tests") or {})
-    if (cfg.get("shift_suite") or {}).get("enabled"):
-        names.append("shift/robustness")
-    return names
 
 
 def session_hparams(
@@ -88,9 +84,7 @@ def session_hparams(
     return params
 
 
-def write_session(
-    log_dir: str | Path, hparams: dict[str, Any], metric_names: list[str], status: str
-) -> Path:
+def write_session(log_dir: str | Path, hparams: dict[str, Any], status: str) -> Path:
     """Write the run's HPARAMS session into ``log_dir``, replacing an earlier one; its file."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from torch.utils.tensorboard.writer import FileWriter
@@ -100,24 +94,17 @@ def write_session(
     for earlier in log_dir.glob(f"events.out.tfevents.*{SESSION_SUFFIX}"):
         earlier.unlink()
     start = plugin_data_pb2.SessionStartInfo()
-    infos = []
     for name, value in hparams.items():
         if isinstance(value, bool):
-            start.hparams[name].bool_value, kind = value, api_pb2.DATA_TYPE_BOOL
+            start.hparams[name].bool_value = value
         elif isinstance(value, int | float):
-            start.hparams[name].number_value, kind = float(value), api_pb2.DATA_TYPE_FLOAT64
+            start.hparams[name].number_value = float(value)
         else:
-            start.hparams[name].string_value, kind = str(value), api_pb2.DATA_TYPE_STRING
-        infos.append(api_pb2.HParamInfo(name=name, type=kind))
-    experiment = api_pb2.Experiment(
-        hparam_infos=infos,
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in metric_names],
-    )
+            start.hparams[name].string_value = str(value)
     end_status = {COMPLETED: api_pb2.STATUS_SUCCESS, FAILED: api_pb2.STATUS_FAILURE}
     end = plugin_data_pb2.SessionEndInfo(status=end_status.get(status, api_pb2.STATUS_UNKNOWN))
     writer = FileWriter(str(log_dir), filename_suffix=SESSION_SUFFIX)
     try:
-        writer.add_summary(_summary(metadata.EXPERIMENT_TAG, experiment=experiment))
         writer.add_summary(_summary(metadata.SESSION_START_INFO_TAG, session_start_info=start))
         writer.add_summary(_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end))
     finally:

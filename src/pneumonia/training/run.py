@@ -45,7 +45,7 @@ from pneumonia.training.checkpoints import (
     recorded_score,
     resolve_checkpoint,
 )
-from pneumonia.training.hparams_session import session_hparams, session_metric_names, write_session
+from pneumonia.training.hparams_session import session_hparams, write_session
 from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
 from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.resume import ResumePoint, split_differences
@@ -227,10 +227,9 @@ class RunRecord:
                     "ckpt_path": str(self.cfg.get("ckpt_path")),
                     "status": status,
                 }
-            metrics = session_metric_names(self.cfg)
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    write_session(logger.log_dir, hparams, metrics, status)
+                    write_session(logger.log_dir, hparams, status)
         except Exception as problem:  # the run's own outcome matters more than its record
             log.warning("could not record the run's status: %s", problem)
             if error is None:
