@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pneumonia.locks import close_lock_file, open_lock_file, try_lock, wait_lock
+from pneumonia.locks import close_lock_file, exclusive_lock, open_lock_file, try_lock, wait_lock
 
 
 def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
@@ -48,3 +48,18 @@ def test_a_file_system_without_locks_is_an_oserror_not_a_busy_lock(tmp_path, mon
     with pytest.raises(OSError, match="No locks"):
         wait_lock(descriptor)
     close_lock_file(descriptor)
+
+
+def test_a_refusal_when_the_lock_is_held_is_not_taken_for_a_file_system_without_locks(tmp_path):
+    path = tmp_path / "x.lock"
+    other = open_lock_file(path)  # another open file: flock treats it as another holder
+    assert try_lock(other)
+
+    def refuse(descriptor: int) -> None:
+        raise FileExistsError("busy")  # an OSError, as the errors of a lock-less file system
+
+    with pytest.raises(FileExistsError), exclusive_lock(path, "nothing", when_held=refuse):
+        pytest.fail("the block ran although the lock was held")
+    close_lock_file(other)
+    with exclusive_lock(path, "nothing", when_held=refuse) as held:
+        assert held.descriptor is not None and not held.waited

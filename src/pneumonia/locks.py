@@ -8,7 +8,7 @@ pool's worker, a DataLoader worker) closes its copies as it starts, so it cannot
 a parent killed with SIGKILL alive for as long as the child lingers.
 
 A file system without locks (some network mounts) makes :func:`try_lock` and :func:`wait_lock`
-raise ``OSError``; the callers then go on unguarded, with a warning.
+raise ``OSError``; :func:`exclusive_lock` then runs its block unguarded, with a warning.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Descriptors of lock files this process has open; a forked child closes its copies of them.
 _OPEN: set[int] = set()
@@ -76,3 +81,55 @@ def wait_lock(descriptor: int) -> None:
         OSError: the file system has no locks.
     """
     fcntl.flock(descriptor, fcntl.LOCK_EX)
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """What :func:`exclusive_lock` got: the lock file's descriptor (None: running unguarded) and
+    whether it had to wait for another process."""
+
+    descriptor: int | None
+    waited: bool
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: str | Path,
+    unguarded: str,
+    *,
+    when_held: Callable[[int], None] | None = None,
+    tries: int = 1,
+) -> Iterator[HeldLock]:
+    """Hold ``path``'s exclusive lock for the block, waiting for another process that holds it.
+
+    Args:
+        unguarded: what goes unprevented if the lock cannot be taken (a lock file that cannot be
+            created, a file system without locks); the block then runs with a warning saying so.
+        when_held: called with the descriptor when another process holds the lock, before
+            waiting; it may raise to refuse instead of waiting.
+        tries: non-blocking attempts before another process counts as holding it.
+    """
+    try:
+        descriptor = open_lock_file(path)
+    except OSError as err:
+        log.warning("cannot lock %s (%s): %s", path, err, unguarded)
+        yield HeldLock(None, waited=False)
+        return
+    try:
+        waited = False
+        try:
+            held_elsewhere = not try_lock(descriptor, tries=tries)
+        except OSError as err:
+            log.warning("cannot lock %s (%s): %s", path, err, unguarded)
+            held_elsewhere = False
+        if held_elsewhere:
+            if when_held is not None:
+                when_held(descriptor)
+            try:
+                wait_lock(descriptor)
+                waited = True
+            except OSError as err:
+                log.warning("cannot lock %s (%s): %s", path, err, unguarded)
+        yield HeldLock(descriptor, waited)
+    finally:
+        close_lock_file(descriptor)

@@ -57,7 +57,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pneumonia.data.image_io import decode_or_reason
-from pneumonia.locks import close_lock_file, open_lock_file, try_lock, wait_lock
+from pneumonia.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -320,23 +320,14 @@ def _one_builder(folder: Path, name: str) -> Iterator[bool]:
     Sweep jobs that start together (``hydra/launcher=shared_device``) would otherwise all decode
     the same images into the same cache. Yields whether it had to wait for another process.
     """
-    try:
-        descriptor = open_lock_file(folder / f"{name}.lock")
-    except OSError:  # the folder takes files (checked) but not this one: build unguarded
-        yield False
-        return
-    try:
-        try:
-            waited = not try_lock(descriptor)
-            if waited:
-                log.info("another process is building %s: waiting for it", folder / f"{name}.npy")
-                wait_lock(descriptor)
-        except OSError as err:
-            log.warning("cannot lock %s (%s): concurrent builds are not prevented", folder, err)
-            waited = False
-        yield waited
-    finally:
-        close_lock_file(descriptor)
+
+    def say_why_it_waits(_: int) -> None:
+        log.info("another process is building %s: waiting for it", folder / f"{name}.npy")
+
+    with exclusive_lock(
+        folder / f"{name}.lock", "concurrent builds are not prevented", when_held=say_why_it_waits
+    ) as held:
+        yield held.waited
 
 
 def _writable_folder(folder: Path) -> Path:

@@ -119,18 +119,7 @@ class SummarizeSweep(Callback):
 
 @contextmanager
 def _summary_lock(folder: Path) -> Iterator[None]:
-    from pneumonia.locks import close_lock_file, open_lock_file, wait_lock
+    from pneumonia.locks import exclusive_lock
 
-    try:
-        descriptor = open_lock_file(folder / SUMMARY_LOCK)
-    except OSError:  # no such folder, or read-only: summarize() says what is wrong with it
-        yield
-        return
-    try:
-        try:
-            wait_lock(descriptor)  # a summary takes seconds at most
-        except OSError as error:
-            log.warning("summaries of %s are not serialised: cannot lock (%s)", folder, error)
-        yield
-    finally:
-        close_lock_file(descriptor)
+    with exclusive_lock(folder / SUMMARY_LOCK, "summaries are not serialised"):
+        yield  # a summary takes seconds at most

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import RunFolderBusyError
-from pneumonia.locks import close_lock_file, open_lock_file, try_lock
+from pneumonia.locks import close_lock_file, exclusive_lock, open_lock_file, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -159,32 +159,26 @@ def hold_run_folder(folder: Path) -> Iterator[None]:
     Raises:
         RunFolderBusyError: another live process holds it; the message names its process id.
     """
-    path = Path(folder) / LOCK_FILE
-    try:
-        descriptor = open_lock_file(path)
-    except OSError as err:
-        log.warning("cannot lock %s (%s): concurrent runs in it are not refused", path, err)
+
+    def refuse(descriptor: int) -> None:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+        raise RunFolderBusyError(
+            f"another process (pid {holder}) is running in {folder}; wait for it to end or "
+            f"stop it (kill {holder}). A sweep killed outright leaves its joblib workers "
+            "running their jobs: rerun it once they are done"
+        )
+
+    # A few tries: run_is_live() holds the lock shared for an instant while it looks.
+    with exclusive_lock(
+        Path(folder) / LOCK_FILE,
+        "concurrent runs in it are not refused",
+        when_held=refuse,
+        tries=10,
+    ) as held:
+        if held.descriptor is not None:
+            os.ftruncate(held.descriptor, 0)
+            os.pwrite(held.descriptor, f"{os.getpid()}\n".encode(), 0)
         yield
-        return
-    try:
-        try:
-            # A few tries: run_is_live() holds the lock shared for an instant while it looks.
-            held_elsewhere = not try_lock(descriptor, tries=10)
-        except OSError as err:
-            log.warning("cannot lock %s (%s): concurrent runs in it are not refused", path, err)
-            held_elsewhere = False
-        if held_elsewhere:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
-            raise RunFolderBusyError(
-                f"another process (pid {holder}) is running in {folder}; wait for it to end or "
-                f"stop it (kill {holder}). A sweep killed outright leaves its joblib workers "
-                "running their jobs: rerun it once they are done"
-            )
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        close_lock_file(descriptor)
 
 
 def run_is_live(folder: Path) -> bool | None:
