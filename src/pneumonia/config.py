@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pneumonia import check_image_size
+from pneumonia import check_image_size, is_whole_number
 from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError
 from pneumonia.explain.settings import (
@@ -163,7 +163,7 @@ def check_explain_config(
     check_batch_size(cfg.batch_size)
     for key in ("trust.images", "trust.deletion_steps"):
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole_number(value) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a whole number of at least 1")
     resolve_device(cfg.device)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from pneumonia import CLASS_NAMES
+from pneumonia import CLASS_NAMES, is_whole_number
 from pneumonia.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def check_batch_size(value: Any, key: str = "batch_size", allow_none: bool = Tru
     """Raises ConfigError unless ``value`` is a whole number of at least 1 (or ``None`` if allowed)."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_whole_number(value) or value < 1:
         allowed = " (or null: all images at once)" if allow_none else ""
         raise ConfigError(f"{key}={value!r} must be a whole number of at least 1{allowed}")
 

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from pneumonia import is_whole_number
 from pneumonia.model.registry import register
 
 DEFAULT_PIXEL_MEAN = 0.5
@@ -136,9 +137,9 @@ class HistogramEqualization(_Normalization):
         self, bins: int = 256, pixel_mean: float | None = None, pixel_std: float | None = None
     ) -> None:
         super().__init__(pixel_mean, pixel_std)
-        if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 65536:
+        if not is_whole_number(bins) or not 2 <= bins <= 65536:
             raise ValueError(f"bins must be an integer in [2, 65536], got {bins!r}")
-        self.bins = bins
+        self.bins = int(bins)
 
     def equalize(self, x: torch.Tensor) -> torch.Tensor:
         """The equalised images in (0, 1), float32, shape of ``x``; no gradient."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from pneumonia import is_whole_number
 from pneumonia.model.registry import register
 
 
@@ -41,7 +42,7 @@ class WarmupCosine(LRScheduler):
         min_factor: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if not is_whole_number(total_steps) or total_steps < 1:
             raise ValueError(f"WarmupCosine total_steps={total_steps!r} must be an integer >= 1")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"WarmupCosine warmup_fraction={warmup_fraction} must be in [0, 1)")
