@@ -147,7 +147,7 @@ def test_predictions_of_a_loaded_model_repeat_and_leave_its_mode_alone(tmp_path)
     model.eval()
     torch.testing.assert_close(model.predict_proba(images), first)
     assert not model.training
-    torch.testing.assert_close(first, torch.sigmoid(model(images)))
+    torch.testing.assert_close(first, torch.sigmoid(model(images).double()))
 
 
 def test_predictions_accept_one_image_or_a_batch_as_uint8_or_float():
@@ -286,7 +286,7 @@ def test_threshold_and_temperature_are_fitted_on_validation_and_travel_with_the_
     assert float(restored.temperature) == pytest.approx(float(module.temperature))
     images = next(iter(_separable_loader()))[0]
     logits = restored.eval()(images)
-    expected = torch.sigmoid(logits / float(module.temperature))
+    expected = torch.sigmoid(logits.double() / float(module.temperature))
     torch.testing.assert_close(restored.predict_proba(images), expected)
 
     # Loading weights into another module (trainer.test(ckpt_path=...)) restores them too.

@@ -28,10 +28,11 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
 def batch_predictor(module: Any, device: str | torch.device | None = None) -> Predict:
-    """``uint8 (b, 1, S, S) -> P(PNEUMONIA) (b,)`` on the CPU, running ``module`` on ``device``."""
+    """``uint8 (b, 1, S, S) -> P(PNEUMONIA) (b,)`` float64 on the CPU, running ``module`` on
+    ``device`` (float64, as the test split's metrics: see ``XrayClassifier.predict_proba``)."""
     if device is not None:
         module.to(device)
-    return lambda images: module.predict_proba(images).float().cpu()
+    return lambda images: module.predict_proba(images).cpu()
 
 
 def predict(
@@ -42,7 +43,7 @@ def predict(
     if desc is not None:
         starts = tqdm(starts, desc=desc, unit="batch", leave=False)
     outputs = [predict_batch(images[start : start + batch_size]) for start in starts]
-    probabilities = torch.cat(outputs) if outputs else torch.zeros(0)
+    probabilities = torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.float64)
     if not bool(probabilities.isfinite().all()):
         raise NonFiniteOutputError(
             f"the model's outputs{f' on {desc}' if desc else ''} are not finite (its weights "
@@ -67,7 +68,7 @@ def evaluate_predictions(
     """
     metrics = DiagnosticMetrics(threshold)
     if len(targets):
-        metrics.update(probabilities.float(), targets.long())
+        metrics.update(probabilities.double(), targets.long())
     values = {name: float(value) for name, value in metrics.compute().items()}
     return {
         "metrics": values,

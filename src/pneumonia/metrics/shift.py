@@ -392,7 +392,7 @@ def run_shift_suite(
                 batch = images[start : start + batch_size].cpu()
                 if name != "clean":
                     batch = PERTURBATIONS[name](batch, severity, generator)
-                probabilities = torch.as_tensor(predict(batch)).detach().float().cpu().reshape(-1)
+                probabilities = torch.as_tensor(predict(batch)).detach().double().cpu().reshape(-1)
                 if probabilities.numel() != batch.shape[0]:
                     raise ValueError(
                         f"predict returned {probabilities.numel()} probabilities for a batch of "

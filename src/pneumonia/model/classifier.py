@@ -351,7 +351,9 @@ class XrayClassifier(L.LightningModule):
                 tensor on any device.
 
         Returns:
-            ``(B,)`` float tensor on the model's device (``B = 1`` for one image).
+            ``(B,)`` float64 tensor on the model's device (``B = 1`` for one image): float64, as
+            the test metrics use, since a small temperature saturates float32 probabilities at
+            exactly 1.0 and ties images that AUROC and the threshold tell apart.
 
         Raises:
             ValueError: another shape, size, dtype or value range, saying what is expected.
@@ -361,7 +363,7 @@ class XrayClassifier(L.LightningModule):
         self.eval()
         try:
             with torch.no_grad():
-                return self.probabilities_from_logits(self(batch))
+                return self.probabilities_from_logits(self(batch).double())
         finally:
             for module, training in modes:
                 module.training = training

@@ -177,7 +177,7 @@ def score_images(
             scores: dict[int, float | str] = {i: decoded[i] for i in range(len(batch))}
             if readable:
                 pixels = torch.from_numpy(np.stack([decoded[i] for i in readable])).unsqueeze(1)
-                probabilities = module.predict_proba(pixels).float().cpu().tolist()
+                probabilities = module.predict_proba(pixels).cpu().tolist()
                 for i, probability in zip(readable, probabilities, strict=True):
                     if not math.isfinite(probability):
                         raise NonFiniteOutputError(
