@@ -85,6 +85,7 @@ def test_every_metric_of_one_class_stays_on_the_cuda_device():
         ([0, 0, 0], [0.1, 0.7, 0.9]),  # no PNEUMONIA image: recall is 0/0, n/a
         ([1, 1, 1, 0], [0.6, 0.2, 0.9, 0.7]),  # no correct NORMAL prediction
         ([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2]),  # everything wrong: F1 is 0/(0 + 4)
+        ([0, 0, 0], [0.1, 0.2, 0.3]),  # all right, nothing PNEUMONIA: precision and F1 are 0/0
     ],
 )
 def test_degenerate_predictions_agree_with_scikit_learn(targets, probabilities):
@@ -96,11 +97,11 @@ def test_degenerate_predictions_agree_with_scikit_learn(targets, probabilities):
         warnings.simplefilter("ignore")  # scikit-learn warns about a class absent from targets
         expected = {
             "balanced_accuracy": balanced_accuracy_score(targets, predicted),
-            "precision": precision_score(targets, predicted, zero_division=0),
-            # A class absent from the targets has no recall: NaN, not scikit-learn's default 0.
+            "precision": precision_score(targets, predicted, zero_division=np.nan),
+            # A ratio with nothing to count is NaN (n/a), not scikit-learn's default 0.
             "recall": recall_score(targets, predicted, zero_division=np.nan),
             "specificity": recall_score(targets, predicted, pos_label=0, zero_division=np.nan),
-            "f1": f1_score(targets, predicted, zero_division=0),
+            "f1": f1_score(targets, predicted, zero_division=np.nan),
             "accuracy": accuracy_score(targets, predicted),
         }
     assert {k: values[k] for k in expected} == pytest.approx(expected, nan_ok=True)

@@ -23,25 +23,24 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
-def _ratio(
-    numerator: torch.Tensor, denominator: torch.Tensor, undefined: float = 0.0
-) -> torch.Tensor:
-    # ``undefined`` where the denominator is 0: 0 by default, as scikit-learn's zero_division=0.
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    # NaN where the denominator is 0, as scikit-learn's zero_division=np.nan.
     numerator, denominator = numerator.double(), denominator.double()
     return torch.where(
         denominator > 0,
         numerator / denominator.clamp(min=1),
-        torch.full_like(numerator, undefined),
+        torch.full_like(numerator, float("nan")),
     )
 
 
 def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     """Metrics of a 2x2 confusion matrix ``[[tn, fp], [fn, tp]]`` (rows: true class, columns: predicted)."""
     (tn, fp), (fn, tp) = confusion.double()
-    # A class absent from the data has no recall: NaN (reported as n/a, like AUROC), not a 0
-    # that reads as "every image of it was missed".
-    recall = _ratio(tp, tp + fn, undefined=float("nan"))
-    specificity = _ratio(tn, tn + fp, undefined=float("nan"))
+    # A ratio with nothing to count is NaN (reported as n/a, like AUROC), not a 0 that reads as
+    # "every image was missed" or "every call was wrong": recall and specificity of a class absent
+    # from the data, precision when nothing was called PNEUMONIA, F1 with no PNEUMONIA anywhere.
+    recall = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
     precision = _ratio(tp, tp + fp)
     # Mean recall over the classes present, as scikit-learn's balanced_accuracy_score: a split with
     # no NORMAL image must not score half its sensitivity.
