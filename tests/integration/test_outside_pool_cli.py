@@ -138,11 +138,13 @@ def test_eval_measures_several_external_folders_at_once(
     assert report["external"]["originals"]["metrics"] == pytest.approx(
         report["metrics"], nan_ok=True
     )
-    # The pool itself as an "external" set: every image is a copy of a pool image, and said so.
-    assert report["external"]["originals"]["copies_of_pool_images"] == 40
-    assert report["external"]["small"]["copies_of_pool_images"] == 0
+    # The checkpoint's training pool as an "external" set: every image is a copy of one of its
+    # images, and said so. The pool is the checkpoint's, not the folder evaluated here.
+    assert report["external"]["small"]["copies_of_pool_images"] == 120
+    assert report["external"]["originals"]["copies_of_pool_images"] == 0
+    assert report["copies_of_training_images"] == 0
     assert (
-        "40 of the 40 images of external test set originals are copies"
+        "120 of the 120 images of external test set small are copies"
         in result.stdout + result.stderr
     )
     # One class: what cannot be measured is null, and the log says why its figure cannot rank.

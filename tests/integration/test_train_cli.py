@@ -101,7 +101,9 @@ def test_resume_with_another_architecture_is_refused(short_run, small_root, cach
     assert "was trained with net=" in result.stderr
 
 
-def test_evaluate_a_checkpoint_on_another_folder(short_run, originals_root, cache_dir, tmp_path):
+def test_evaluate_a_checkpoint_on_another_folder(
+    short_run, small_root, originals_root, cache_dir, tmp_path
+):
     out = tmp_path / "eval"
     result = train(
         f"ckpt_path={short_run}",
@@ -122,6 +124,20 @@ def test_evaluate_a_checkpoint_on_another_folder(short_run, originals_root, cach
     )
     assert status["score"] == pytest.approx(report["metrics"]["balanced_accuracy"])
     assert "images only" not in result.stdout + result.stderr
+    assert report["copies_of_training_images"] == 0
+    # The checkpoint's own data: the images it was trained and validated on are counted and warned
+    # of (its test split is fine to evaluate on).
+    own = train(
+        f"ckpt_path={short_run}", f"data.root={small_root}", f"run_dir={tmp_path / 'own'}",
+        config_name="eval", cache_dir=cache_dir,
+    )  # fmt: skip
+    seen = [line for line in (short_run / "split.csv").read_text().splitlines()[1:]
+            if line.endswith((",train", ",val"))]  # fmt: skip
+    own_report = json.loads((tmp_path / "own" / "test_metrics.json").read_text())
+    assert own_report["images"] == 120 and own_report["copies_of_training_images"] == len(seen)
+    assert f"{len(seen)} of the 120 evaluated images were in the training or validation split" in (
+        own.stdout + own.stderr
+    )
     # A folder of one class: what it cannot measure is null, and the log says it cannot rank.
     sick = train(
         f"ckpt_path={short_run}", f"data.root={originals_root / 'PNEUMONIA'}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -367,20 +367,32 @@ class ChestXrayDataModule(L.LightningDataModule):
                 " = ".join(f"{self.images[row].path} ({self.splits[row]})" for row in example),
             )
 
-    def copies_in_pool(self, other: ChestXrayDataModule) -> list[tuple[Path, Path]]:
-        """``(image of other, image of this pool)`` pairs with the same pixels at this image size.
+    def copies_in_pool(
+        self, other: ChestXrayDataModule, splits: Collection[str] | None = None
+    ) -> list[tuple[Path, Path]]:
+        """``(image of other's test split, image of this pool)`` pairs with the same pixels at this
+        image size.
 
-        ``other`` is an external test set: a copy of a training image there is not "outside the
-        pool", whatever its folder.
+        ``other`` is an external test set, or a folder a checkpoint is evaluated on: a copy of a
+        training image there is not "outside the pool", whatever its folder. ``splits``: only
+        this pool's images in these splits (``("train", "val")``: what a model was fitted and
+        chosen on); None: all of them.
         """
         if other.image_size != self.image_size:
             raise ValueError("compare data modules of one image size")
-        pool = self._pixel_twins()
+        if splits is not None and self.splits is None:
+            raise RuntimeError("call setup() before asking for copies of a split's images")
+        pool: dict[bytes, int] = {}
+        for digest, rows in self._pixel_twins().items():
+            kept = [row for row in rows if splits is None or self.splits[row] in splits]
+            if kept:
+                pool[digest] = kept[0]
         return [
-            (other.images[row].path, self.images[pool[digest][0]].path)
+            (other.images[row].path, self.images[pool[digest]].path)
             for digest, rows in other._pixel_twins().items()
             if digest in pool
             for row in rows
+            if other.splits is None or other.splits[row] == "test"
         ]
 
     @property

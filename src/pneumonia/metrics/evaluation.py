@@ -82,15 +82,20 @@ def evaluate_predictions(
 def evaluate_external_sets(
     module: Any,
     datamodule: Any,
+    pool: Any | None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``module`` on each of ``datamodule.external_tests`` (name -> folder).
 
+    Args:
+        pool: the data module of the training pool ``module`` came from, set up, to look for its
+            images among the external ones; None where it is not at hand (copies are n/a).
+
     Returns:
         name -> :func:`evaluate_predictions` entry, plus ``"folder"``, ``"skipped"`` (files that
         could not be read, counted) and ``"copies_of_pool_images"`` (images equal, pixel for pixel,
-        to one of the training pool's).
+        to one of the training pool's; None without a pool).
     """
     predict_batch = batch_predictor(module, device)
     results: dict[str, dict[str, Any]] = {}
@@ -101,8 +106,8 @@ def evaluate_external_sets(
         result = evaluate_predictions(probabilities, targets, module.threshold)
         result["folder"] = str(folder)
         result["skipped"] = int((external.splits == "skipped").sum()) + len(external.skipped_files)
-        copies = datamodule.copies_in_pool(external)
-        result["copies_of_pool_images"] = len(copies)
+        copies = pool.copies_in_pool(external) if pool is not None else []
+        result["copies_of_pool_images"] = len(copies) if pool is not None else None
         if copies:
             log.warning(
                 "%d of the %d images of external test set %s are copies of training-pool images "

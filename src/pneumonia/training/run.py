@@ -390,7 +390,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         measured = XrayClassifier.load_from_checkpoint(best, map_location="cpu") if best else module
         device = trainer.strategy.root_device
         measurements = _measure_outside_pool(
-            cfg, measured, datamodule, loggers, output_dir, trainer.global_step,
+            cfg, measured, datamodule, datamodule, loggers, output_dir, trainer.global_step,
             device if device.type == "cuda" else None,
         )  # fmt: skip
         if cfg.optimized_metric in measurements:
@@ -426,12 +426,16 @@ def _measure_outside_pool(
     cfg: DictConfig,
     module: XrayClassifier,
     datamodule: ChestXrayDataModule,
+    pool: ChestXrayDataModule | None,
     loggers: list[Logger],
     output_dir: Path,
     step: int,
     device: Any = None,
 ) -> dict[str, float]:
     """Evaluate on the external test sets and run the shift suite, as configured.
+
+    ``pool``: the module's training pool, to look for its images among the external ones (None:
+    not at hand). The shift suite perturbs ``datamodule``'s test split.
 
     Results go into ``test_metrics.json`` (``external``, ``shift_suite``), the loggers
     (``external/<name>/<metric>``, ``shift/robustness``) and, for the shift suite, a table and a
@@ -442,7 +446,7 @@ def _measure_outside_pool(
     extra: dict[str, Any] = {}
     if datamodule.external_tests:
         results = evaluate_external_sets(
-            module, datamodule, batch_size=max(datamodule.batch_size, 64), device=device
+            module, datamodule, pool, batch_size=max(datamodule.batch_size, 64), device=device
         )
         log_external_results(loggers, results, step)
         extra["external"] = results
@@ -565,20 +569,71 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     record.watch(trainer, loggers, None)
     trainer.test(module, datamodule=datamodule, verbose=False)
-    report = _print_report(
-        trainer, output_dir, {"checkpoint": str(ckpt_path), "data_root": str(datamodule.root)}
-    )
+    extra: dict[str, Any] = {"checkpoint": str(ckpt_path), "data_root": str(datamodule.root)}
+    pool = None
+    if cfg.get("checkpoint_split"):
+        pool = datamodule
+    elif trainer.is_global_zero:
+        pool = _training_pool(cfg, hparams, ckpt_path, image_size)
+        extra["copies_of_training_images"] = _copies_of_training_images(pool, datamodule)
+    report = _print_report(trainer, output_dir, extra)
     if report:
         warn_if_one_class(f"the evaluated set {datamodule.root}", report["confusion_matrix"])
     score = report["metrics"]["balanced_accuracy"] if report else None
     if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
         device = trainer.strategy.root_device
         measurements = _measure_outside_pool(
-            cfg, module, datamodule, loggers, output_dir, 0,
+            cfg, module, datamodule, pool, loggers, output_dir, 0,
             device if device.type == "cuda" else None,
         )  # fmt: skip
         score = measurements.get(cfg.optimized_metric, score)
     return score
+
+
+def _training_pool(
+    cfg: DictConfig, hparams: dict[str, Any], ckpt_path: Path, image_size: int
+) -> ChestXrayDataModule | None:
+    """The data a checkpoint was trained on, split as it was, to look for its training images
+    among those it is evaluated on; None (the reason logged) where it cannot be rebuilt here."""
+    try:
+        settings = _checkpoint_split_settings(hparams, ckpt_path, None)
+        pool: ChestXrayDataModule = instantiate(
+            cfg.data, **settings, image_size=image_size, split_csv=None, external_tests=None
+        )
+        changed = split_differences(hparams["split"], pool.split_settings())
+        if changed:
+            raise SplitChangedError(f"its data changed since ({'; '.join(changed)})")
+        pool.setup("test")
+    except (ValueError, OSError) as reason:  # a check that cannot be made must not stop the eval
+        log.warning(
+            "not checked for images %s was trained or validated on (n/a in test_metrics.json): %s",
+            ckpt_path,
+            reason,
+        )
+        return None
+    return pool
+
+
+def _copies_of_training_images(
+    pool: ChestXrayDataModule | None, evaluated: ChestXrayDataModule
+) -> int | None:
+    """How many evaluated images are, pixel for pixel, ones the checkpoint was trained or
+    validated on (warned of); None without its training pool."""
+    if pool is None:
+        return None
+    copies = pool.copies_in_pool(evaluated, splits=("train", "val"))
+    if copies:
+        log.warning(
+            "%d of the %d evaluated images were in the training or validation split of the "
+            "checkpoint (pixel for pixel at %d px, e.g. %s = %s): its figures here overstate how it "
+            "does on X-rays it has not seen. Evaluate on its test split (--config-name shift) or on "
+            "other X-rays",
+            len(copies),
+            int((evaluated.splits == "test").sum()),
+            evaluated.image_size,
+            *copies[0],
+        )
+    return len(copies)
 
 
 def _checkpoint_split_settings(
