@@ -320,6 +320,21 @@ def test_score_sees_the_perturbations():
     assert result.score < result.clean["balanced_accuracy"]
 
 
+def test_a_perturbation_that_changes_nothing_is_named(caplog):
+    # At 32 px the blur sigmas of severities 1 and 2 are 0.125 and 0.25 px: they round away, and
+    # those sets would pass for robustness in the score (against runs at larger sizes).
+    images = _random_images((9, 1, 32, 32), seed=7)
+    result = _run(images=images, perturbations=["blur", "noise"])
+    assert result.unchanged == ["blur 1", "blur 2"]
+    assert "blur 1, blur 2 left every 32x32 image unchanged" in caplog.text
+    assert "scored as clean: blur 1, blur 2" in result.to_markdown()
+    assert result.to_dict()["unchanged"] == ["blur 1", "blur 2"]
+    assert (
+        _run(images=_random_images((9, 1, 128, 128), seed=7), perturbations=["blur"]).unchanged
+        == []
+    )
+
+
 def test_results_are_reproducible_and_batch_size_free():
     images = _random_images((9, 1, 32, 32), low=100, high=156, seed=5)
 
