@@ -216,6 +216,24 @@ def test_an_external_folder_without_images_fails_before_training(small_root, cac
         datamodule.prepare_data()
 
 
+def test_an_unusable_external_set_fails_before_training(data_root, small_root, cache_dir, tmp_path):
+    # One X-ray under both labels, and a set of files that do not decode: found only after
+    # fitting before, when the run was marked failed and its training was lost.
+    conflict = make_subset(data_root, tmp_path / "conflict", per_class=1, flat=True)
+    copy_image(next((conflict / "NORMAL").iterdir()), conflict / "PNEUMONIA" / "same.jpeg")
+    broken = tmp_path / "broken"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (broken / label).mkdir(parents=True)
+        (broken / label / "IM-0001-0001.jpeg").write_bytes(b"version https://git-lfs")
+    for name, folder, error in (
+        ("conflict", conflict, DataLayoutError),
+        ("broken", broken, EmptySplitError),
+    ):
+        datamodule = _datamodule(small_root, cache_dir, external_tests={name: folder})
+        with pytest.raises(error, match=f"data.external_tests.{name}: "):
+            datamodule.prepare_data()
+
+
 def test_an_external_set_is_every_image_of_its_folder(small_root, originals_root, cache_dir):
     datamodule = _datamodule(small_root, cache_dir, external_tests={"orig": originals_root})
     images, labels = datamodule.external_test_set("orig").split_arrays("test")

@@ -189,19 +189,20 @@ class ChestXrayDataModule(L.LightningDataModule):
         self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._automatic_choice: dict[str, bool] = {}  # device -> whether the splits fit on it
         self._twins: dict[bytes, list[int]] | None = None
+        self._external: dict[str, ChestXrayDataModule] = {}
 
     def prepare_data(self) -> None:
         """Decode and cache every image once (rank zero only under DDP).
 
-        External test sets are only looked through here, so a folder without images fails before
-        training, not after it.
+        External test sets are decoded and checked here too, so a folder without usable images, or
+        with one X-ray under both labels, fails before training, not after it.
         """
         self._load_cache()
-        for name, folder in self.external_tests.items():
+        for name in self.external_tests:
             try:
-                scan_images(folder, require_both_classes=False)
-            except DataLayoutError as err:
-                raise DataLayoutError(f"data.external_tests.{name}: {err}") from err
+                self.external_test_set(name)._rows("test")
+            except (DataLayoutError, EmptySplitError) as err:
+                raise type(err)(f"data.external_tests.{name}: {err}") from err
 
     def setup(self, stage: str | None = None) -> None:
         """Split the pooled images and, for fitting, compute class weights and pixel statistics."""
@@ -437,11 +438,14 @@ class ChestXrayDataModule(L.LightningDataModule):
         return pixels, dataset.labels.clone()
 
     def external_test_set(self, name: str) -> ChestXrayDataModule:
-        """A DataModule whose test split is every image of the external test set ``name``.
+        """A DataModule whose test split is every image of the external test set ``name``, set up
+        (once per process).
 
         Its cache lives beside this one's; its list of images (with labels and patients) is
         written beside this run's ``split.csv`` as ``external_<name>.csv``.
         """
+        if name in self._external:
+            return self._external[name]
         split_csv = (
             self.split_csv.with_name(f"external_{name}.csv") if self.split_csv is not None else None
         )
@@ -457,6 +461,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         )
         external.prepare_data()
         external.setup("test")
+        self._external[name] = external
         return external
 
     def dataset(self, split: str) -> CachedXrayDataset:
