@@ -234,6 +234,19 @@ def test_an_unusable_external_set_fails_before_training(data_root, small_root, c
             datamodule.prepare_data()
 
 
+def test_an_xray_twice_in_an_external_set_is_warned_of(data_root, small_root, cache_dir, tmp_path, caplog):  # fmt: skip
+    site = make_subset(data_root, tmp_path / "site", per_class=2, flat=True)
+    original = sorted((site / "NORMAL").iterdir())[0]
+    copy_image(original, site / "NORMAL" / "renamed.jpeg")
+    datamodule = _datamodule(small_root, cache_dir, external_tests={"site": site})
+    datamodule.external_test_set("site")
+    assert "1 X-ray(s) of" in caplog.text and "renamed.jpeg" in caplog.text
+    caplog.clear()
+    (site / "NORMAL" / "renamed.jpeg").unlink()
+    _datamodule(small_root, cache_dir, external_tests={"site": site}).external_test_set("site")
+    assert "X-ray(s) of" not in caplog.text
+
+
 def test_an_external_set_is_every_image_of_its_folder(small_root, originals_root, cache_dir):
     datamodule = _datamodule(small_root, cache_dir, external_tests={"orig": originals_root})
     images, labels = datamodule.external_test_set("orig").split_arrays("test")

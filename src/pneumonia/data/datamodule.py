@@ -344,18 +344,27 @@ class ChestXrayDataModule(L.LightningDataModule):
             )
 
     def _warn_of_copies_across_splits(self) -> None:
-        """Warn when one X-ray, under two file names, sits on two sides of the split.
+        """Warn when one X-ray, under two file names, sits on two sides of the split, or twice in
+        a set that is only evaluated (an external set, an evaluated folder).
 
         The Kermany set holds 24 such groups (50 files, byte for byte the same), each within one
         patient: the split by patient keeps them together, a per-image split does not. Copies
-        whose names carry no patient id, or another child's, would leak in any split.
+        whose names carry no patient id, or another child's, would leak in any split. In a set
+        that is only evaluated, each copy counts again and weighs its X-ray more in the figures.
         """
         assert self.splits is not None
-        crossing = [
-            rows
-            for rows in self._pixel_twins().values()
-            if len(rows) > 1 and len({self.splits[row] for row in rows}) > 1
-        ]
+        repeated = [rows for rows in self._pixel_twins().values() if len(rows) > 1]
+        if repeated and self.split_fractions[0] == self.split_fractions[1] == 0:
+            log.warning(
+                "%d X-ray(s) of %s appear under several file names (at %d px, pixel for pixel), "
+                "e.g. %s: each copy is scored again and weighs more in the figures; delete the "
+                "copies for figures over distinct X-rays",
+                len(repeated),
+                self.root,
+                self.image_size,
+                " = ".join(str(self.images[row].path) for row in repeated[0]),
+            )
+        crossing = [rows for rows in repeated if len({self.splits[row] for row in rows}) > 1]
         if crossing:
             example = crossing[0]
             log.warning(
