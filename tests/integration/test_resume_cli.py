@@ -51,6 +51,36 @@ def _loadable_epoch(path) -> int | None:
         return None
 
 
+def test_a_run_stopped_by_sigterm_exits_with_an_error_and_says_how_to_resume(
+    small_root, cache_dir, tmp_path
+):
+    """SLURM preempts and `kill` stops with SIGTERM; Lightning then exits without an error code,
+    so SLURM, make and CI counted the stopped run a success."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.root={small_root}", "image_size=64", "trainer.max_epochs=30",
+        "trainer.enable_progress_bar=false", "logger=csv", f"run_dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert (
+        f"stopped by SIGTERM: the run was interrupted; resume it with run_dir={run_dir}" in output
+    )
+    assert json.loads((run_dir / "run_status.json").read_text())["status"] == "interrupted"
+    assert _loadable_epoch(last) < 29
+
+
 def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
 from pneumonia.config import check_train_config
@@ -115,6 +117,16 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     except BaseException as error:
         interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
         record.end(INTERRUPTED if interrupted else FAILED, error=error)
+        if isinstance(error, SystemExit) and error.code in (None, 0):
+            # Lightning stops on SIGTERM (SLURM's preemption, `kill`) with a SystemExit that has no
+            # code: the process would exit 0, and SLURM, make and CI would count the run a success.
+            by_sigterm = isinstance(error, SIGTERMException)
+            log.error(
+                "%s: the run was interrupted; resume it with run_dir=%s ckpt_path=last",
+                "stopped by SIGTERM" if by_sigterm else "stopped",
+                output_dir,
+            )
+            raise SystemExit(128 + signal.SIGTERM if by_sigterm else 1) from error
         raise
     record.end(COMPLETED, score=score)
     return score
