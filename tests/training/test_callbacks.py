@@ -20,19 +20,22 @@ class _Scripted(L.LightningModule):
         nan_at_step: int | None = None,
         break_at_step: int | None = None,
         val_loss_nan_epoch: int | None = None,
+        broken: str = "weight",
     ) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("running_var", torch.ones(1))  # as BatchNorm's statistics
         self.val_scores = val_scores
         self.nan_at_step = nan_at_step
         self.break_at_step = break_at_step
+        self.broken = broken
         self.val_loss_nan_epoch = val_loss_nan_epoch
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # As an optimizer step that overflows: the loss was finite, the weights are not.
         if self.global_step - 1 == self.break_at_step:
             with torch.no_grad():
-                self.weight.fill_(float("inf"))
+                getattr(self, self.broken).fill_(float("inf"))
 
     def training_step(self, batch, batch_idx):
         loss = (self.weight - batch[0].mean()) ** 2
@@ -170,11 +173,16 @@ def test_every_rank_stops_when_another_ranks_loss_diverged():
         guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 0)
 
 
-def test_weights_broken_by_an_epochs_last_step_stop_the_run_before_its_checkpoint(tmp_path):
-    module = _Scripted(val_scores=[0.1, 0.2, 0.3], break_at_step=7)  # the last step of epoch 1
-    with pytest.raises(TrainingDivergedError, match="epoch 1, step 7: the weights weight became"):
-        _fit(module, [StopOnDivergence(), _checkpoint(tmp_path)], epochs=3)
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 0
+@pytest.mark.parametrize("broken", ["weight", "running_var"])
+def test_weights_broken_by_an_epochs_last_step_stop_the_run_before_its_checkpoint(tmp_path, broken):
+    # running_var: BatchNorm's statistics overflow to inf under a huge learning rate while the
+    # loss stays finite; the checkpoints of those weights could not even be loaded.
+    module = _Scripted(val_scores=[0.1, 0.2, 0.3], break_at_step=7, broken=broken)  # epoch 1's last
+    with pytest.raises(
+        TrainingDivergedError, match=f"epoch 1, step 7: the weights {broken} became"
+    ):
+        _fit(module, [StopOnDivergence(), _checkpoint(tmp_path / broken)], epochs=3)
+    assert torch.load(tmp_path / broken / "last.ckpt", weights_only=True)["epoch"] == 0
 
 
 def _crafted_resume(tmp_path, state_changes):

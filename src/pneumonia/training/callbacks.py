@@ -222,11 +222,16 @@ class StopOnDivergence(Callback):
     def _raise_if_weights_broken(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The loss is computed before the optimizer step: the last step of an epoch can break the
         # weights with a finite loss. One check per epoch, before validation and checkpoints.
-        finite = [p.isfinite().all() for p in pl_module.parameters() if p.is_floating_point()]
+        # Buffers too: BatchNorm's running statistics overflow to inf while the loss stays finite.
+        tensors = [
+            (name, t)
+            for named in (pl_module.named_parameters(), pl_module.named_buffers())
+            for name, t in named
+            if t.is_floating_point()
+        ]
+        finite = [t.isfinite().all() for _, t in tensors]
         if finite and not bool(torch.stack(finite).all()):
-            broken = next(
-                name for name, p in pl_module.named_parameters() if not bool(p.isfinite().all())
-            )
+            broken = next(name for name, t in tensors if not bool(t.isfinite().all()))
             raise TrainingDivergedError(
                 f"training diverged at epoch {trainer.current_epoch}, step "
                 f"{trainer.global_step - 1}: the weights {broken} became NaN or infinite. "
