@@ -58,3 +58,23 @@ def test_the_score_of_an_unmonitored_val_metric_is_that_of_the_kept_weights():
     assert _best_score(trainer, None, "val/auroc", best_val) == pytest.approx(0.47)  # final weights
     # NaN at the kept epoch (best_val leaves it out): no score, not the last epoch's.
     assert _best_score(trainer, checkpoint, "val/auroc", {"val/balanced_accuracy": 0.9}) is None
+
+
+def test_a_session_that_cannot_be_written_leaves_a_completed_run_completed(tmp_path, monkeypatch):
+    """The status said completed while the process failed on TensorBoard's HPARAMS session, so a
+    sweep rerun skipped a job that had reported an error."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from omegaconf import OmegaConf
+
+    import pneumonia.training.run as run_module
+    from pneumonia.training.status import read_status
+
+    def no_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "write_session", no_disk)
+    cfg = OmegaConf.create({"optimized_metric": "val/balanced_accuracy", "fit": True})
+    record = run_module.RunRecord(cfg, tmp_path, [])
+    record.watch(None, [TensorBoardLogger(str(tmp_path))], None)
+    record.end("completed", score=0.9)  # no exception: the run ended as its status says
+    assert read_status(tmp_path)["status"] == "completed"

@@ -231,6 +231,11 @@ class RunRecord:
         try:
             self.status.update(**self._progress())
             self.status.end(status, score=score, error=error)
+        except Exception as problem:  # the run's own outcome matters more than its record
+            log.warning("could not record the run's status: %s", problem)
+            if error is None:
+                raise
+        try:  # a missing HPARAMS row is worth a warning, not a failed run: the status says how it ended
             if self.fits:
                 hparams = session_hparams(self.cfg, hydra_choices(), self.overrides, status)
             else:  # the model's settings are the checkpoint's, not this config's defaults
@@ -242,10 +247,8 @@ class RunRecord:
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     write_session(logger.log_dir, hparams, status)
-        except Exception as problem:  # the run's own outcome matters more than its record
-            log.warning("could not record the run's status: %s", problem)
-            if error is None:
-                raise
+        except Exception as problem:
+            log.warning("could not write the run's TensorBoard HPARAMS session: %s", problem)
 
     def _progress(self) -> dict[str, Any]:
         if self.trainer is None:
