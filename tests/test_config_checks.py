@@ -63,6 +63,19 @@ def test_a_test_metric_needs_the_test(compose_config):
         check_train_config(compose_config("optimized_metric=test/auroc", "test=false"))
 
 
+def test_testing_on_no_batch_is_refused_unless_the_run_does_not_test(compose_config):
+    # It ended in a KeyError after training, leaving a test_metrics.json without metrics.
+    with pytest.raises(ConfigError, match="limit_test_batches=0 tests on no image"):
+        check_train_config(compose_config("+trainer.limit_test_batches=0"))
+    with pytest.raises(ConfigError, match="limit_test_batches=0"):
+        check_train_config(
+            compose_config(
+                "+trainer.limit_test_batches=0.0", "ckpt_path=x.ckpt", config_name="eval"
+            )
+        )
+    check_train_config(compose_config("+trainer.limit_test_batches=0", "test=false"))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -78,6 +78,12 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"optimized_metric={metric} needs the test split, but test=false; set test=true "
                 "or optimise a val/ metric"
             )
+    tests = cfg.get("test", True) or not cfg.get("fit", True)
+    if tests and OmegaConf.select(cfg, "trainer.limit_test_batches") in (0, 0.0):
+        raise ConfigError(
+            "trainer.limit_test_batches=0 tests on no image, but this run tests; set test=false "
+            "to skip testing, or give it a number of batches (or a share, up to 1.0)"
+        )
     _check_recipe_groups(cfg)
 
 
