@@ -81,6 +81,30 @@ def test_a_run_stopped_by_sigterm_exits_with_an_error_and_says_how_to_resume(
     assert _loadable_epoch(last) < 29
 
 
+def test_an_interrupted_one_cycle_run_resumes(small_root, cache_dir, tmp_path):
+    # OneCycleLR cycles Adam's beta1, so the checkpoint's betas differ from the configured ones.
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.root={small_root}", "image_size=64", "scheduler=onecycle", "trainer.max_epochs=3",
+        "test=false", "trainer.enable_progress_bar=false", "logger=csv", f"run_dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert _loadable_epoch(last) < 2
+    train(*overrides, "ckpt_path=last", cache_dir=cache_dir)
+    assert _loadable_epoch(last) == 2
+    assert json.loads((run_dir / "run_status.json").read_text())["status"] == "completed"
+
+
 def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [

@@ -146,6 +146,20 @@ def test_a_scheduled_learning_rate_is_the_checkpoints_to_keep(tmp_path):
     point.check_optimizer_state(parameters, config, scheduled=True)
 
 
+def test_a_momentum_the_schedule_cycles_is_the_checkpoints_to_keep(tmp_path):
+    # OneCycleLR moves Adam's beta1 (SGD's momentum) with the learning rate: an interrupted
+    # one-cycle run could never be resumed.
+    cycled = _set(["param_groups", 0, "betas"], (0.8766, 0.999))
+    point, parameters, config = _optimizer_point(tmp_path, cycled, betas=[0.9, 0.999])
+    point.check_optimizer_state(parameters, config, scheduled=True, cycles_momentum=True)
+    with pytest.raises(CheckpointError, match="betas="):  # beta2 is the run's own setting
+        point.check_optimizer_state(
+            parameters, {**config, "betas": [0.9, 0.98]}, scheduled=True, cycles_momentum=True
+        )
+    with pytest.raises(CheckpointError, match="betas="):  # a schedule that leaves it alone
+        point.check_optimizer_state(parameters, config, scheduled=True)
+
+
 @pytest.mark.parametrize("states", [None, [], [{}, {}], ["x"], [{"state": {}}]])
 def test_a_checkpoint_without_one_optimizers_state_is_refused(states):
     point = ResumePoint(Path("/runs/a/last.ckpt"), SAVED, 1, 0, optimizer_states=states)

@@ -122,7 +122,11 @@ class ResumePoint:
             )
 
     def check_optimizer_state(
-        self, parameters: Sequence[torch.Tensor], optimizer: dict[str, Any], scheduled: bool
+        self,
+        parameters: Sequence[torch.Tensor],
+        optimizer: dict[str, Any],
+        scheduled: bool,
+        cycles_momentum: bool = False,
     ) -> None:
         """Refuse optimizer state that does not belong to these parameters and settings.
 
@@ -136,6 +140,8 @@ class ResumePoint:
             parameters: the model's parameters in ``configure_optimizers``' order.
             optimizer: the run's optimizer config (``_target_`` and arguments).
             scheduled: whether a scheduler sets the learning rate (then ``lr`` is not compared).
+            cycles_momentum: whether it also sets the momentum (OneCycleLR, CyclicLR): then SGD's
+                ``momentum`` and the first of Adam's ``betas`` are not compared.
 
         Raises:
             CheckpointError: naming the checkpoint and what does not fit.
@@ -161,11 +167,15 @@ class ResumePoint:
                 if isinstance(value, torch.Tensor):
                     _check_moment(f"{where} holds {name} for parameter {index}", name, value, shape)
         ignored = {"_target_", "params", "fused", "foreach"} | ({"lr"} if scheduled else set())
+        ignored |= {"momentum"} if cycles_momentum else set()
         for key, configured in {**_defaults(optimizer.get(TARGET)), **optimizer}.items():
             if key in ignored:
                 continue
             for group in groups:
-                if key in group and not same_setting(group[key], configured):
+                saved, wanted = group.get(key), configured
+                if cycles_momentum and key == "betas" and _is_pair(saved) and _is_pair(wanted):
+                    saved, wanted = saved[1], wanted[1]  # beta1 is the cycled momentum
+                if key in group and not same_setting(saved, wanted):
                     raise CheckpointError(
                         f"{where} has {key}={group[key]!r}, but the run configures "
                         f"optimizer.{key}={configured!r}; a resume would silently train with the "
@@ -238,3 +248,7 @@ def _defaults(target: Any) -> dict[str, Any]:
         for name, p in inspect.signature(cls).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2

@@ -319,10 +319,13 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     module: XrayClassifier = instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
     if resume is not None:
         resume.check_same_model(dict(module.hparams))
+        scheduler = to_plain(module.hparams.scheduler) or {}
         resume.check_optimizer_state(
             list(module.parameters()),
             to_plain(module.hparams.optimizer),
-            scheduled=bool(module.hparams.scheduler),
+            scheduled=bool(scheduler),
+            cycles_momentum=str(scheduler.get("_target_", "")).endswith(("OneCycleLR", "CyclicLR"))
+            and scheduler.get("cycle_momentum", True) is not False,
         )
         log.info(
             "resuming from %s (epoch %d, step %d)", ckpt_path, resume.epoch, resume.global_step
