@@ -51,6 +51,28 @@ def _loadable_epoch(path) -> int | None:
         return None
 
 
+def _stopped_after_a_checkpoint(overrides, run_dir, cache_dir, stop) -> tuple[int, str]:
+    """Start train.py and send it ``stop`` (a signal) once its ``last.ckpt`` loads; its exit
+    status and output."""
+    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    log = run_dir.with_name(f"{run_dir.name}.log")  # a file: an unread pipe would fill and block
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *overrides],
+            env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        last = run_dir / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 300
+        while (
+            _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it could be stopped"
+        process.send_signal(stop)
+        process.wait(timeout=120)
+    return process.returncode, log.read_text()
+
+
 def test_a_run_stopped_by_sigterm_exits_with_an_error_and_says_how_to_resume(
     small_root, cache_dir, tmp_path
 ):
@@ -61,19 +83,9 @@ def test_a_run_stopped_by_sigterm_exits_with_an_error_and_says_how_to_resume(
         f"data.root={small_root}", "image_size=64", "trainer.max_epochs=30",
         "trainer.enable_progress_bar=false", "logger=csv", f"run_dir={run_dir}",
     ]  # fmt: skip
-    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    returncode, output = _stopped_after_a_checkpoint(overrides, run_dir, cache_dir, signal.SIGTERM)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be stopped"
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert returncode == 128 + signal.SIGTERM
     assert (
         f"stopped by SIGTERM: the run was interrupted; resume it with run_dir={run_dir}" in output
     )
@@ -88,17 +100,8 @@ def test_an_interrupted_one_cycle_run_resumes(small_root, cache_dir, tmp_path):
         f"data.root={small_root}", "image_size=64", "scheduler=onecycle", "trainer.max_epochs=3",
         "test=false", "trainer.enable_progress_bar=false", "logger=csv", f"run_dir={run_dir}",
     ]  # fmt: skip
-    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    _stopped_after_a_checkpoint(overrides, run_dir, cache_dir, signal.SIGKILL)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     assert _loadable_epoch(last) < 2
     train(*overrides, "ckpt_path=last", cache_dir=cache_dir)
     assert _loadable_epoch(last) == 2
@@ -114,18 +117,8 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, ca
         "callbacks.attribution_maps.num_images=2", "trainer.enable_progress_bar=false",
         f"run_dir={run_dir}",
     ]  # fmt: skip
-    env = {**os.environ, "PNEUMONIA_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    _stopped_after_a_checkpoint(overrides, run_dir, cache_dir, signal.SIGKILL)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while _loadable_epoch(last) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     killed_at = _loadable_epoch(last)
     assert killed_at is not None and killed_at < EPOCHS - 1
     assert not (run_dir / "test_metrics.json").exists()
