@@ -177,10 +177,14 @@ def test_a_resume_that_would_change_the_split_is_refused(
 ):
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     split_before = (run_dir / "split.csv").read_bytes()
+    status_before = json.loads((run_dir / "run_status.json").read_text())
     result = _resume_copy(run_dir, small_root, cache_dir, override)
     assert result.returncode != 0
     assert "SplitChangedError" in result.stderr and named in result.stderr
     assert (run_dir / "split.csv").read_bytes() == split_before
+    # The completed run stays completed, with its score and epochs: the mistyped resume trained
+    # nothing.
+    assert json.loads((run_dir / "run_status.json").read_text()) == status_before
 
 
 def test_a_run_folder_another_process_works_in_is_refused(short_run, small_root, cache_dir, tmp_path):  # fmt: skip

@@ -203,6 +203,8 @@ class RunRecord:
         self.writes = rank_zero_only.rank == 0
         self.fits = bool(cfg.get("fit", True))
         continues = self.fits and _resumes_in_place(cfg, output_dir)
+        # What the folder's run recorded before this attempt, put back if this attempt is refused.
+        self.earlier = read_status(output_dir) if continues and self.writes else None
         self.status = (
             RunStatus(output_dir, overrides, _reported_metric(cfg), continues=continues)
             if self.writes
@@ -228,6 +230,14 @@ class RunRecord:
     def end(self, status: str, score: float | None = None, error: BaseException | None = None):
         if self.status is None:
             return
+        if self._refused_before_training(error):
+            self.status.restore(self.earlier)
+            log.info(
+                "%s keeps its record (%s): this resume was refused before it trained",
+                self.status.path,
+                self.earlier.get("status"),
+            )
+            return
         try:
             self.status.update(**self._progress())
             self.status.end(status, score=score, error=error)
@@ -249,6 +259,15 @@ class RunRecord:
                     write_session(logger.log_dir, hparams, status)
         except Exception as problem:
             log.warning("could not write the run's TensorBoard HPARAMS session: %s", problem)
+
+    def _refused_before_training(self, error: BaseException | None) -> bool:
+        """A resume of this folder's run stopped by a check before any training: a mistyped
+        resume must not turn a completed run into a failed one and drop how far it got."""
+        return (
+            self.earlier is not None
+            and self.trainer is None
+            and isinstance(error, CheckpointError | SplitChangedError | ConfigError)
+        )
 
     def _progress(self) -> dict[str, Any]:
         if self.trainer is None:

@@ -123,6 +123,11 @@ class RunStatus:
         )
         self._write()
 
+    def restore(self, record: dict[str, Any]) -> None:
+        """Write back a record read before this attempt (one that never started)."""
+        self.record = dict(record)
+        self._write()
+
     def _wall_time(self) -> float:
         return round(self._earlier_seconds + time.monotonic() - self._clock, 2)
 
