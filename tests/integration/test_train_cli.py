@@ -148,6 +148,25 @@ def test_evaluate_a_checkpoint_on_another_folder(
     assert "holds PNEUMONIA images only" in sick.stdout + sick.stderr
 
 
+def test_fit_false_evaluates_on_the_test_split_the_checkpoint_was_trained_with(
+    short_run, small_root, cache_dir, tmp_path
+):
+    # It took the test split of the config's own split settings: with another data.seed, most of
+    # its "test" images had trained the model.
+    out = tmp_path / "eval"
+    train(
+        "fit=false", f"ckpt_path={short_run}", f"data.root={small_root}", "data.seed=7",
+        f"run_dir={out}", cache_dir=cache_dir,
+    )  # fmt: skip
+    tested = [
+        line
+        for line in (short_run / "split.csv").read_text().splitlines()
+        if line.endswith(",test")
+    ]
+    assert json.loads((out / "test_metrics.json").read_text())["images"] == len(tested)
+    assert (out / "split.csv").read_text() == (short_run / "split.csv").read_text()
+
+
 def test_missing_data_root_is_a_clear_error(cache_dir, tmp_path):
     missing = tmp_path / "no_such_folder"
     result = train(

@@ -68,8 +68,9 @@ def run(cfg: DictConfig) -> float | None:
 
     ``cfg.fit`` true: train, then (``cfg.test``) test the best checkpoint on the test split; returns
     the best validation value of ``optimized_metric`` (or its test value for a ``test/`` metric).
-    ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on the test split of ``cfg.data``
-    (``conf/eval.yaml`` makes every image a test image); returns that test balanced accuracy.
+    ``cfg.fit`` false: evaluate ``cfg.ckpt_path`` on the test split it was trained with
+    (``cfg.checkpoint_split``), or on every image of ``cfg.data.root`` (``conf/eval.yaml``);
+    returns that test balanced accuracy.
 
     The run folder's ``run_status.json`` says whether it is running, completed or failed (and why),
     and TensorBoard's HPARAMS tab gets the run once it has ended. In a sweep, a job whose folder
