@@ -56,10 +56,10 @@ def _loader(n: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 1)), batch_size=2)
 
 
-def _fit(module, callbacks, epochs):
+def _fit(module, callbacks, epochs, **trainer_settings):
     trainer = L.Trainer(
         max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        enable_model_summary=False, num_sanity_val_steps=0, **trainer_settings,
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=_loader(2))
     return trainer
@@ -77,6 +77,24 @@ def test_last_checkpoint_is_the_last_epoch_when_the_best_is_earlier(tmp_path):
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert last["epoch"] == 3 and last["global_step"] == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
+
+
+def test_last_checkpoint_follows_epochs_without_validation(tmp_path):
+    # With validation every other epoch, last.ckpt was written only after validations: a run
+    # stopped after an epoch without one lost it.
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # runs before the checkpoint's hook
+            seen.append(trainer.current_epoch)
+
+    _fit(_Scripted(val_scores=[0.5, 0.6, 0.7]), [Watch(), _checkpoint(tmp_path)], epochs=3,
+         check_val_every_n_epoch=2)  # fmt: skip
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert seen == [0, 1, 2] and last["epoch"] == 2 and last["global_step"] == 12
+    _fit(_Scripted(val_scores=[0.5]), [_checkpoint(tmp_path / "one")], epochs=1,
+         check_val_every_n_epoch=2)  # fmt: skip
+    assert torch.load(tmp_path / "one" / "last.ckpt", weights_only=True)["epoch"] == 0
 
 
 def test_resuming_from_last_runs_only_the_remaining_epochs(tmp_path):

@@ -49,7 +49,10 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_saved_at_step: int | None = None  # global step of the last last.ckpt written
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        due = self._last_is_due(trainer) and self._should_save_on_train_epoch_end(trainer)
+        # Lightning 2 validates at an epoch's end before this hook: an epoch that validated has
+        # its last.ckpt already, and one that did not (check_val_every_n_epoch > 1, no
+        # validation at all) gets it here.
+        due = self._last_is_due(trainer)
         super().on_train_epoch_end(trainer, pl_module)
         if due:
             self._save_last_if_stale(trainer)
