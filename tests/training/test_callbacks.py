@@ -8,7 +8,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pneumonia.errors import TrainingDivergedError
-from pneumonia.training.callbacks import BestEpochMetrics, RunCheckpoint, StopOnDivergence
+from pneumonia.training.callbacks import (
+    BestEpochMetrics,
+    ResumableEarlyStopping,
+    RunCheckpoint,
+    StopOnDivergence,
+)
 
 
 class _Scripted(L.LightningModule):
@@ -112,6 +117,24 @@ def test_resuming_from_last_runs_only_the_remaining_epochs(tmp_path):
     )  # fmt: skip
     trainer.fit(_Scripted(scores), _loader(), _loader(2), ckpt_path=tmp_path / "last.ckpt")
     assert trained_epochs == [3, 4]
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
+    # Lightning keeps why EarlyStopping stopped, not that the trainer should stop: a stopped run
+    # resumed in place (killed while testing) trained on and tested other weights.
+    scores = [0.9, 0.5, 0.4, 0.3, 0.2, 0.1]
+
+    def stopper():
+        return ResumableEarlyStopping(monitor="val/score", mode="max", patience=1)
+
+    first = _fit(_Scripted(scores), [_checkpoint(tmp_path), stopper()], epochs=6)
+    assert first.current_epoch == 2  # stopped after epoch 1
+    resumed = L.Trainer(
+        max_epochs=6, callbacks=[_checkpoint(tmp_path), stopper()], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    resumed.fit(_Scripted(scores), _loader(), _loader(2), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == first.global_step
 
 
 def test_checkpoints_are_written_aside_and_renamed(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ and the validation metrics of the epoch whose weights are tested.
   epoch.
 - :class:`StatusProgress` rewrites ``run_status.json`` after every validation epoch, so a killed
   run still shows how far it got and the time it spent.
+- :class:`ResumableEarlyStopping` is Lightning's ``EarlyStopping`` whose stop survives a resume.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from weakref import proxy
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from pneumonia.errors import TrainingDivergedError
 from pneumonia.training.status import RunStatus
@@ -354,3 +356,22 @@ class StatusProgress(Callback):
             self.status.update(epochs=trainer.current_epoch + 1, global_step=trainer.global_step)
         except OSError as problem:  # the record is not worth stopping a run for
             log.warning("could not update %s: %s", self.status.path, problem)
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """``EarlyStopping`` whose decision holds after a resume.
+
+    Lightning's checkpoint keeps why the run stopped but not ``trainer.should_stop``, so a stopped
+    run resumed in place (killed while testing, say) trained on past its stop and tested other
+    weights than the uninterrupted run. Takes ``EarlyStopping``'s arguments.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
+            log.info(
+                "the resumed run had stopped early after epoch %d (%s): nothing more to train",
+                self.stopped_epoch,
+                self.stopping_reason_message or self.stopping_reason.value,
+            )
+            trainer.should_stop = True
