@@ -47,3 +47,18 @@ def test_reports_are_strict_json_with_undefined_values_as_null(tmp_path):
     report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert report["metrics"]["auroc"] is None and report["x"] == [None]
     assert "n/a" in format_metrics_table(report["metrics"])
+
+
+def test_a_refit_retires_every_file_of_the_earlier_report(tmp_path):
+    # The reliability diagram and the shift suite's table, figure and CSV stayed in place when a
+    # refit failed, beside test_metrics.previous.json, passing for the new fit's.
+    from pneumonia.metrics.report import retire_test_report
+
+    names = ["test_metrics.json", "test_confusion_matrix.png", "test_reliability.png",
+             "shift_suite.csv", "shift_suite.md", "shift_suite.png", "external_site.csv"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text(name)
+    retire_test_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["external_site.csv"] + [name.replace(".", ".previous.", 1) for name in names[:-1]]
+    )

@@ -103,12 +103,14 @@ class TestReportWriter(Callback):
 
 
 def retire_test_report(output_dir: str | Path, stem: str = "test") -> None:
-    """Rename an earlier ``<stem>_metrics.json`` (and its figure) to ``<stem>_metrics.previous.json``.
+    """Rename an earlier ``<stem>_metrics.json``, its figures and the shift suite's files to
+    ``<name>.previous.<suffix>`` (``test_metrics.previous.json``).
 
     A folder that is fitted again (a resume, a repeated run) must not keep a report that could be
     read as the new fit's result if the new fit fails.
     """
-    for name in (f"{stem}_metrics.json", f"{stem}_confusion_matrix.png"):
+    names = (f"{stem}_metrics.json", f"{stem}_confusion_matrix.png", f"{stem}_reliability.png")
+    for name in (*names, "shift_suite.csv", "shift_suite.md", "shift_suite.png"):
         path = Path(output_dir) / name
         if path.exists():
             path.replace(path.with_name(name.replace(".", ".previous.", 1)))
