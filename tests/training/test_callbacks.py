@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -117,6 +119,21 @@ def test_resuming_from_last_runs_only_the_remaining_epochs(tmp_path):
     )  # fmt: skip
     trainer.fit(_Scripted(scores), _loader(), _loader(2), ckpt_path=tmp_path / "last.ckpt")
     assert trained_epochs == [3, 4]
+
+
+def test_a_resume_into_another_folder_reports_the_best_epoch_it_tests(tmp_path):
+    # The new folder ranks its own checkpoints afresh; the earlier best epoch's metrics stayed
+    # as val_best while another epoch's weights were tested.
+    scores = [0.9, 0.5, 0.6, 0.4]
+    _fit(_Scripted(scores), [_checkpoint(tmp_path / "a"), BestEpochMetrics()], epochs=2)
+    epochs, checkpoint = BestEpochMetrics(), _checkpoint(tmp_path / "b")
+    resumed = L.Trainer(
+        max_epochs=4, callbacks=[checkpoint, epochs], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    resumed.fit(_Scripted(scores), _loader(), _loader(2), ckpt_path=tmp_path / "a" / "last.ckpt")
+    assert Path(checkpoint.best_model_path).name == "best-epoch=2.ckpt"
+    assert epochs.best_epoch == 2 and epochs.best["val/score"] == pytest.approx(0.6)
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):

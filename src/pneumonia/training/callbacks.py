@@ -270,6 +270,19 @@ class BestEpochMetrics(Callback):
         if isinstance(checkpoint, ModelCheckpoint):
             self.monitor, self.mode = checkpoint.monitor, checkpoint.mode
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume into another folder keeps no checkpoint of the earlier best epoch (the
+        # checkpoint callback ranks this folder's afresh): its metrics must not stand for the
+        # weights this run will test.
+        checkpoint = trainer.checkpoint_callback
+        if (
+            self.monitor is not None
+            and self.best_epoch is not None
+            and isinstance(checkpoint, ModelCheckpoint)
+            and not checkpoint.best_model_path
+        ):
+            self.best, self.best_epoch = {}, None
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
