@@ -187,6 +187,20 @@ def test_a_resume_that_would_change_the_split_is_refused(
     assert json.loads((run_dir / "run_status.json").read_text()) == status_before
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("data.batch_size=16", "data.batch_size=32"), ("trainer.precision=32-true", "trainer.precision=")],
+)  # fmt: skip
+def test_a_resume_taking_its_steps_otherwise_is_refused(
+    short_run, small_root, cache_dir, tmp_path, override, named
+):
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    status_before = (run_dir / "run_status.json").read_text()
+    result = _resume_copy(run_dir, small_root, cache_dir, override)
+    assert result.returncode != 0 and f"was trained with {named}" in result.stderr
+    assert (run_dir / "run_status.json").read_text() == status_before
+
+
 def test_a_run_folder_another_process_works_in_is_refused(short_run, small_root, cache_dir, tmp_path):  # fmt: skip
     # As an orphaned joblib worker of a sweep killed with SIGKILL still trains its job.
     run_dir = shutil.copytree(short_run, tmp_path / "run")

@@ -40,6 +40,34 @@ def test_other_model_or_optimisation_settings_are_refused(key, value, named):
         POINT.check_same_model({**SAVED, key: value})
 
 
+TRAINING = {
+    "data.batch_size": 32, "trainer.precision": "bf16-mixed", "trainer.accumulate_grad_batches": 1,
+    "trainer.gradient_clip_val": None, "trainer.gradient_clip_algorithm": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data.batch_size", 16), ("trainer.precision", "32-true"),
+     ("trainer.accumulate_grad_batches", 3), ("trainer.gradient_clip_val", 0.001)],
+)  # fmt: skip
+def test_steps_taken_otherwise_are_refused(key, value):
+    # Accepted before: the record then claimed the new value for epochs taken with the old one.
+    point = ResumePoint(POINT.path, {**SAVED, "training": TRAINING}, global_step=40, epoch=3)
+    point.check_same_training(dict(TRAINING), max_epochs=10)
+    with pytest.raises(CheckpointError, match=f"trained with {key}=.*configures {key}={value!r}"):
+        point.check_same_training({**TRAINING, key: value}, max_epochs=10)
+    POINT.check_same_training({**TRAINING, key: value}, max_epochs=10)  # from before the record
+
+
+def test_fewer_epochs_than_the_checkpoint_has_trained_are_refused():
+    # It trained nothing, tested the old weights and recorded the smaller trainer.max_epochs.
+    with pytest.raises(CheckpointError, match="has trained 4 epochs, but .*max_epochs=2"):
+        POINT.check_same_training({}, max_epochs=2)
+    POINT.check_same_training({}, max_epochs=4)  # the same run again: it tests what it has
+    POINT.check_same_training({}, max_epochs=None)
+
+
 def test_every_changed_split_setting_is_named_with_old_and_new_values():
     with pytest.raises(SplitChangedError) as raised:
         POINT.check_same_split({**SAVED["split"], "seed": 7, "images": 11})

@@ -100,6 +100,8 @@ class XrayClassifier(L.LightningModule):
         operating_point: config of the rule choosing the threshold on validation
             (``pneumonia.metrics.operating_point``); ``None``: keep ``threshold``.
         temperature: divides the logits before the sigmoid; fitted on validation after each epoch.
+        training: how the steps were taken (batch size, precision, gradient accumulation and
+            clipping); recorded so a resume that would take them otherwise is refused.
 
     Raises:
         pneumonia.model.registry.UnsafeConfigError: ``net``, ``optimizer`` or ``scheduler`` names a
@@ -125,10 +127,11 @@ class XrayClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         operating_point: Mapping[str, Any] | None = None,
         temperature: float = 1.0,
+        training: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        net, optimizer, scheduler, class_weights, split = map(
-            to_plain, (net, optimizer, scheduler, class_weights, split)
+        net, optimizer, scheduler, class_weights, split, training = map(
+            to_plain, (net, optimizer, scheduler, class_weights, split, training)
         )
         augmentation, normalization, operating_point = (
             to_plain(node) or None for node in (augmentation, normalization, operating_point)
@@ -136,7 +139,7 @@ class XrayClassifier(L.LightningModule):
         # Everything is checked before anything is built: a checkpoint is untrusted data.
         registry.check_bounded(
             [net, optimizer, scheduler, class_weights, split, augmentation, normalization,
-             operating_point, data_root],
+             operating_point, data_root, training],
             "the hyperparameters",
         )  # fmt: skip
         build_net = registry.resolve("net", net)

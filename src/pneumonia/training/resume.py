@@ -101,6 +101,28 @@ class ResumePoint:
                     "run (a resume continues that run; start a new one for other settings)"
                 )
 
+    def check_same_training(self, settings: dict[str, Any], max_epochs: int | None) -> None:
+        """Refuse to resume taking the steps otherwise (batch size, precision, accumulation,
+        clipping), or with fewer epochs than the checkpoint has trained.
+
+        Raises:
+            CheckpointError: naming both values (checkpoints from before the record pass).
+        """
+        saved = self.hparams.get("training")
+        for key, value in settings.items() if isinstance(saved, dict) else ():
+            if key in saved and not same_setting(saved[key], value):
+                raise CheckpointError(
+                    f"{self.path} was trained with {key}={saved[key]!r}, but this run configures "
+                    f"{key}={value!r}; resume with {key}={saved[key]!r} (a resume continues that "
+                    "run; start a new one for other settings)"
+                )
+        if is_whole_number(max_epochs) and 0 <= max_epochs < self.epoch + 1:
+            raise CheckpointError(
+                f"{self.path} has trained {self.epoch + 1} epochs, but this run configures "
+                f"trainer.max_epochs={max_epochs}: it would train nothing and record the fewer "
+                f"epochs; resume with trainer.max_epochs={self.epoch + 1} or more"
+            )
+
     def check_same_class_weights(self, class_weights: Sequence[float] | None) -> None:
         """Refuse to resume with other loss weights (another ``class_weighting``).
 

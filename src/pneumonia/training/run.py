@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pneumonia.config import check_train_config
 from pneumonia.data.datamodule import ChestXrayDataModule
@@ -339,6 +339,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     module: XrayClassifier = instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
     if resume is not None:
         resume.check_same_model(dict(module.hparams))
+        resume.check_same_training(module.hparams.get("training") or {}, cfg.trainer.max_epochs)
         scheduler = to_plain(module.hparams.scheduler) or {}
         resume.check_optimizer_state(
             list(module.parameters()),
@@ -443,10 +444,25 @@ MODEL_ARGUMENTS = (
 
 
 def model_arguments(cfg: DictConfig) -> dict[str, Any]:
-    """What the model is built with besides ``cfg.model``: optimiser, schedule and the recipe groups."""
+    """What the model is built with besides ``cfg.model``: optimiser, schedule, the recipe groups
+    and how the steps are taken."""
     arguments = {key: cfg.get(key) for key in MODEL_ARGUMENTS}
     arguments["label_smoothing"] = cfg.get("label_smoothing", 0.0)
+    arguments["training"] = training_settings(cfg)
     return arguments
+
+
+def training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """How the training steps are taken: a resume must take them the same way, or the run's
+    record (and the checkpoint) would claim settings its earlier epochs did not use."""
+    trainer = cfg.get("trainer") or {}
+    return {
+        "data.batch_size": OmegaConf.select(cfg, "data.batch_size"),
+        "trainer.precision": str(trainer.get("precision", "32-true")),
+        "trainer.accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1),
+        "trainer.gradient_clip_val": trainer.get("gradient_clip_val"),
+        "trainer.gradient_clip_algorithm": trainer.get("gradient_clip_algorithm"),
+    }
 
 
 def _fitted_step(trainer: L.Trainer) -> int:
