@@ -339,7 +339,9 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     module: XrayClassifier = instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
     if resume is not None:
         resume.check_same_model(dict(module.hparams))
-        resume.check_same_training(module.hparams.get("training") or {}, cfg.trainer.max_epochs)
+        resume.check_same_training(
+            module.hparams.get("training") or {}, cfg.trainer.get("max_epochs")
+        )
         scheduler = to_plain(module.hparams.scheduler) or {}
         resume.check_optimizer_state(
             list(module.parameters()),
@@ -675,6 +677,8 @@ def _copies_of_training_images(
     validated on (warned of); None without its training pool."""
     if pool is None:
         return None
+    if evaluated.splits is None:  # ddp_spawn set it up in its workers only
+        evaluated.setup("test")
     copies = pool.copies_in_pool(evaluated, splits=("train", "val"))
     if copies:
         log.warning(
