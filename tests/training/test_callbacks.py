@@ -154,6 +154,19 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
     assert resumed.global_step == first.global_step
 
 
+def test_a_checkpoint_that_cannot_be_written_names_its_path(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(trainer, filepath, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", full_disk)
+    with pytest.raises(
+        OSError, match=r"cannot write the checkpoint .*best-epoch=0.ckpt.partial \(No space"
+    ):
+        _fit(_Scripted([0.5]), [_checkpoint(tmp_path)], epochs=1)
+
+
 def test_checkpoints_are_written_aside_and_renamed(tmp_path, monkeypatch):
     written = []
     real_save = L.Trainer.save_checkpoint

@@ -137,7 +137,15 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # As ModelCheckpoint._save_checkpoint, but written aside and renamed into place.
         partial = f"{filepath}.partial"
-        trainer.save_checkpoint(partial, self.save_weights_only)
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)
+        except OSError as err:  # a full disk or a file size limit: say where, and what is kept
+            raise OSError(
+                err.errno,
+                f"cannot write the checkpoint {partial} ({err.strerror or err}); the checkpoints "
+                f"already saved are intact. Free space in {Path(filepath).parent} and resume "
+                "with ckpt_path=last",
+            ) from err
         if trainer.is_global_zero:
             os.replace(partial, filepath)
         trainer.strategy.barrier("RunCheckpoint.rename")
