@@ -201,6 +201,19 @@ def test_a_resume_taking_its_steps_otherwise_is_refused(
     assert (run_dir / "run_status.json").read_text() == status_before
 
 
+def test_a_resume_that_fails_before_training_keeps_the_runs_record_and_report(
+    short_run, small_root, cache_dir, tmp_path
+):
+    # Any failure before training, not only the resume checks: here the trainer cannot be built.
+    run_dir = shutil.copytree(short_run, tmp_path / "run")
+    status_before = (run_dir / "run_status.json").read_text()
+    report_before = (run_dir / "test_metrics.json").read_text()
+    result = _resume_copy(run_dir, small_root, cache_dir, "trainer.accelerator=gpu")
+    assert result.returncode != 0
+    assert (run_dir / "run_status.json").read_text() == status_before
+    assert (run_dir / "test_metrics.json").read_text() == report_before
+
+
 def test_a_run_folder_another_process_works_in_is_refused(short_run, small_root, cache_dir, tmp_path):  # fmt: skip
     # As an orphaned joblib worker of a sweep killed with SIGKILL still trains its job.
     run_dir = shutil.copytree(short_run, tmp_path / "run")

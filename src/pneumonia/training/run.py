@@ -56,6 +56,7 @@ from pneumonia.training.status import (
     FAILED,
     INTERRUPTED,
     RunStatus,
+    error_line,
     hold_run_folder,
     read_status,
 )
@@ -231,12 +232,16 @@ class RunRecord:
     def end(self, status: str, score: float | None = None, error: BaseException | None = None):
         if self.status is None:
             return
-        if self._refused_before_training(error):
+        if self.earlier is not None and self.trainer is None and status != COMPLETED:
+            # A resume of this folder's run that ended before any training (a refusal, a bad
+            # setting, Ctrl-C): a mistyped resume must not turn a completed run into a failed one
+            # and drop how far it got.
             self.status.restore(self.earlier)
             log.info(
-                "%s keeps its record (%s): this resume was refused before it trained",
+                "%s keeps its record (%s): this resume ended before it trained (%s)",
                 self.status.path,
                 self.earlier.get("status"),
+                error_line(error) if error is not None else status,
             )
             return
         try:
@@ -260,15 +265,6 @@ class RunRecord:
                     write_session(logger.log_dir, hparams, status)
         except Exception as problem:
             log.warning("could not write the run's TensorBoard HPARAMS session: %s", problem)
-
-    def _refused_before_training(self, error: BaseException | None) -> bool:
-        """A resume of this folder's run stopped by a check before any training: a mistyped
-        resume must not turn a completed run into a failed one and drop how far it got."""
-        return (
-            self.earlier is not None
-            and self.trainer is None
-            and isinstance(error, CheckpointError | SplitChangedError | ConfigError)
-        )
 
     def _progress(self) -> dict[str, Any]:
         if self.trainer is None:
@@ -364,8 +360,6 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     module.adopt_data_statistics(datamodule)
     if resume is not None:
         resume.check_same_class_weights(module.hparams.get("class_weights"))
-    # A report from an earlier fit in this folder must not pass for this one's if it fails.
-    retire_test_report(output_dir)
 
     epochs = BestEpochMetrics(logged_metrics=(*METRIC_NAMES, "loss"))
     callbacks = [
@@ -388,7 +382,9 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         _log_hyperparameters(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     record.watch(trainer, loggers, epochs)
-
+    # A report from an earlier fit in this folder must not pass for this one's if it fails; a
+    # failure before this point trained nothing and leaves it (and the run's record) as it was.
+    retire_test_report(output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     record.fit_ended()
     for logger in loggers:
