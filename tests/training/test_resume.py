@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pneumonia.errors import CheckpointError, SplitChangedError
-from pneumonia.training.resume import ResumePoint
+from pneumonia.training.resume import ResumePoint, step_settings
 
 NET = {"_target_": "pneumonia.model.study_cnn.StudyCNN", "image_size": 64}
 SAVED = {
@@ -58,6 +58,16 @@ def test_steps_taken_otherwise_are_refused(key, value):
     with pytest.raises(CheckpointError, match=f"trained with {key}=.*configures {key}={value!r}"):
         point.check_same_training({**TRAINING, key: value}, max_epochs=10)
     POINT.check_same_training({**TRAINING, key: value}, max_epochs=10)  # from before the record
+
+
+def test_one_behaviour_has_one_spelling_and_is_not_refused():
+    # precision=32 is "32-true" to Lightning; clipping at 0 is no clipping, whatever the algorithm.
+    recorded = step_settings(32, "32-true", 1, None, None)
+    point = ResumePoint(POINT.path, {**SAVED, "training": recorded}, global_step=40, epoch=3)
+    for same in (step_settings(32, 32, None, 0, "norm"), step_settings(32, "32", 1, 0.0, None)):
+        point.check_same_training(same, max_epochs=10)
+    assert step_settings(32, "bf16", 1, 0.5, None)["trainer.precision"] == "bf16-mixed"
+    assert step_settings(32, "bf16", 1, 0.5, None)["trainer.gradient_clip_algorithm"] == "norm"
 
 
 def test_fewer_epochs_than_the_checkpoint_has_trained_are_refused():

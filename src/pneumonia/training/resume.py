@@ -45,6 +45,27 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Lightning's short spellings of a precision (``precision=32`` is ``"32-true"``).
+_PRECISIONS = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def step_settings(
+    batch_size: Any, precision: Any, accumulate: Any, clip_val: Any, clip_algorithm: Any
+) -> dict[str, Any]:
+    """How training steps are taken, in one spelling per behaviour: precision ``32`` and
+    ``"32-true"`` alike, clipping at 0 or None both off (and then no algorithm), Lightning's
+    defaults for None."""
+    precision = "32-true" if precision is None else str(precision)
+    clipping = clip_val not in (None, 0, 0.0)
+    return {
+        "data.batch_size": batch_size,
+        "trainer.precision": _PRECISIONS.get(precision, precision),
+        "trainer.accumulate_grad_batches": 1 if accumulate is None else accumulate,
+        "trainer.gradient_clip_val": clip_val if clipping else None,
+        "trainer.gradient_clip_algorithm": (clip_algorithm or "norm") if clipping else None,
+    }
+
+
 def split_differences(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     """``"<setting>: <old> -> <new>"`` for every split setting that differs."""
     return [

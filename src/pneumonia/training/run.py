@@ -50,7 +50,7 @@ from pneumonia.training.checkpoints import (
 from pneumonia.training.hparams_session import session_hparams, write_session
 from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
 from pneumonia.training.progress import StepProgressBar
-from pneumonia.training.resume import ResumePoint, split_differences
+from pneumonia.training.resume import ResumePoint, split_differences, step_settings
 from pneumonia.training.status import (
     COMPLETED,
     FAILED,
@@ -454,13 +454,13 @@ def training_settings(cfg: DictConfig) -> dict[str, Any]:
     """How the training steps are taken: a resume must take them the same way, or the run's
     record (and the checkpoint) would claim settings its earlier epochs did not use."""
     trainer = cfg.get("trainer") or {}
-    return {
-        "data.batch_size": OmegaConf.select(cfg, "data.batch_size"),
-        "trainer.precision": str(trainer.get("precision", "32-true")),
-        "trainer.accumulate_grad_batches": trainer.get("accumulate_grad_batches", 1),
-        "trainer.gradient_clip_val": trainer.get("gradient_clip_val"),
-        "trainer.gradient_clip_algorithm": trainer.get("gradient_clip_algorithm"),
-    }
+    return step_settings(
+        OmegaConf.select(cfg, "data.batch_size"),
+        trainer.get("precision"),
+        trainer.get("accumulate_grad_batches"),
+        trainer.get("gradient_clip_val"),
+        trainer.get("gradient_clip_algorithm"),
+    )
 
 
 def _fitted_step(trainer: L.Trainer) -> int:
