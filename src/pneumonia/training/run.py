@@ -124,9 +124,12 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
             # code: the process would exit 0, and SLURM, make and CI would count the run a success.
             by_sigterm = isinstance(error, SIGTERMException)
             log.error(
-                "%s: the run was interrupted; resume it with run_dir=%s ckpt_path=last",
+                "%s: the run was interrupted; %s",
                 "stopped by SIGTERM" if by_sigterm else "stopped",
-                output_dir,
+                # A sweep job's folder name holds '=', which a run_dir override cannot take bare.
+                f"rerun the sweep with hydra.sweep.dir={output_dir.parent} to resume it"
+                if is_sweep_job()
+                else f"resume it with run_dir={output_dir} ckpt_path=last",
             )
             raise SystemExit(128 + signal.SIGTERM if by_sigterm else 1) from error
         raise
