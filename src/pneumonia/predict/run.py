@@ -5,9 +5,10 @@ that could be read, in input order::
 
     path,p_pneumonia,decision,threshold[,label]
 
-``p_pneumonia`` is the checkpoint's calibrated probability with 6 decimals, ``decision`` is
-``PNEUMONIA`` when it is at or above ``threshold`` (computed on the unrounded probability) and
-``NORMAL`` otherwise, and ``threshold`` is the one used: the checkpoint's stored threshold, or
+``p_pneumonia`` is the checkpoint's calibrated probability, computed in float64 and written in
+full (the shortest text that reads back as the same number: rounding would tie probabilities
+near 1 again, and disagree with ``decision`` next to the threshold), ``decision`` is
+``PNEUMONIA`` when it is at or above ``threshold`` and ``NORMAL`` otherwise, and ``threshold`` is the one used: the checkpoint's stored threshold, or
 ``threshold=<number>``. ``label`` is there when some image's path has a ``NORMAL`` or ``PNEUMONIA``
 folder, and empty for the others. Files that cannot be read go to ``unreadable.csv`` beside it
 (``path,reason``); they are counted, never fatal, unless no image at all could be read.
@@ -271,7 +272,12 @@ def predict_images(cfg: DictConfig) -> PredictionReport:
                 continue
             prediction = Prediction(item, score, threshold)
             predictions.append(prediction)
-            row = [str(item.path), f"{score:.6f}", prediction.decision, format_threshold(threshold)]
+            row = [
+                str(item.path),
+                repr(float(score)),
+                prediction.decision,
+                format_threshold(threshold),
+            ]
             writer.writerow([*row, item.label or ""] if with_labels else row)
     os.replace(partial, output)
     with unreadable_output.open("w", newline="", encoding="utf-8") as file:
