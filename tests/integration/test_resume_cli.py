@@ -214,6 +214,27 @@ def test_a_resume_that_fails_before_training_keeps_the_runs_record_and_report(
     assert (run_dir / "test_metrics.json").read_text() == report_before
 
 
+def test_a_run_that_stopped_early_stays_stopped_and_says_so(small_root, cache_dir, tmp_path):
+    settings = [
+        f"data.root={small_root}", "image_size=64", "debug=limit", "trainer.max_epochs=8",
+        "callbacks=early_stopping", "callbacks.early_stopping.patience=1", "logger=csv",
+    ]  # fmt: skip
+    train(*settings, f"run_dir={tmp_path / 'a'}", cache_dir=cache_dir)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert _loadable_epoch(last) < 7  # (debug=limit's two validation batches do not improve)
+    steps = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    # In place (as after a kill while testing): it trains nothing more and tests what it has.
+    again = train(*settings, f"run_dir={tmp_path / 'a'}", "ckpt_path=last", cache_dir=cache_dir)
+    assert "the resumed run had stopped early" in again.stdout + again.stderr
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == steps
+    # Into a new folder: refused with the reason, not "raise trainer.max_epochs".
+    elsewhere = train(
+        *settings, f"run_dir={tmp_path / 'b'}", f"ckpt_path={last}", cache_dir=cache_dir,
+        check=False,
+    )  # fmt: skip
+    assert elsewhere.returncode != 0 and "stopped early after epoch" in elsewhere.stderr
+
+
 def test_a_run_folder_another_process_works_in_is_refused(short_run, small_root, cache_dir, tmp_path):  # fmt: skip
     # As an orphaned joblib worker of a sweep killed with SIGKILL still trains its job.
     run_dir = shutil.copytree(short_run, tmp_path / "run")

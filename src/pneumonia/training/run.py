@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -564,6 +565,14 @@ def _refuse_untrained(
         and not resume.is_in(output_dir)
         and trainer.global_step == resume.global_step
     ):
+        stopper = trainer.early_stopping_callback
+        if stopper is not None and stopper.stopping_reason != EarlyStoppingReason.NOT_STOPPED:
+            raise NothingTrainedError(
+                f"{resume.path} stopped early after epoch {stopper.stopped_epoch} "
+                f"({stopper.stopping_reason_message or stopper.stopping_reason.name}), so this "
+                "run trained nothing and reports no test metrics; evaluate it (python train.py "
+                "--config-name eval ckpt_path=...) or start a new run"
+            )
         raise NothingTrainedError(
             f"{resume.path} was already trained for trainer.max_epochs="
             f"{cfg.trainer.get('max_epochs')}, so this run trained nothing and reports no test "
