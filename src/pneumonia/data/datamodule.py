@@ -66,7 +66,7 @@ def _checked_external_tests(
         resolved, pool = path.resolve(), root.expanduser().resolve()
         if resolved == pool or pool in resolved.parents or resolved in pool.parents:
             log.warning(
-                "%s=%s overlaps the training pool %s: its figures are not from outside the pool",
+                "%s=%s overlaps data.root %s: its figures are not from outside it",
                 key,
                 path,
                 root,
