@@ -8,10 +8,11 @@ that could be read, in input order::
 ``p_pneumonia`` is the checkpoint's calibrated probability, computed in float64 and written in
 full (the shortest text that reads back as the same number: rounding would tie probabilities
 near 1 again, and disagree with ``decision`` next to the threshold), ``decision`` is
-``PNEUMONIA`` when it is at or above ``threshold`` and ``NORMAL`` otherwise, and ``threshold`` is the one used: the checkpoint's stored threshold, or
-``threshold=<number>``. ``label`` is there when some image's path has a ``NORMAL`` or ``PNEUMONIA``
-folder, and empty for the others. Files that cannot be read go to ``unreadable.csv`` beside it
-(``path,reason``); they are counted, never fatal, unless no image at all could be read.
+``PNEUMONIA`` when it is at or above ``threshold`` and ``NORMAL`` otherwise, and ``threshold`` is
+the one used: the checkpoint's stored threshold, or ``threshold=<number>``. ``label`` is there
+when some image's path has a ``NORMAL`` or ``PNEUMONIA`` folder, and empty for the others. Files
+that cannot be read go to ``unreadable.csv`` beside it (``path,reason``); they are counted, never
+fatal, unless no image at all could be read.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from pneumonia.training.hparams_session import session_hparams, write_session
 from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
 from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.resume import ResumePoint, split_differences, step_settings
+from pneumonia.training.schedulers import cycles_momentum
 from pneumonia.training.status import (
     COMPLETED,
     FAILED,
@@ -209,8 +210,6 @@ class RunRecord:
         self.writes = rank_zero_only.rank == 0
         self.fits = bool(cfg.get("fit", True))
         continues = self.fits and _resumes_in_place(cfg, output_dir)
-        # What the folder's run recorded before this attempt, put back if this attempt is refused.
-        self.earlier = read_status(output_dir) if continues and self.writes else None
         self.status = (
             RunStatus(output_dir, overrides, _reported_metric(cfg), continues=continues)
             if self.writes
@@ -236,15 +235,15 @@ class RunRecord:
     def end(self, status: str, score: float | None = None, error: BaseException | None = None):
         if self.status is None:
             return
-        if self.earlier is not None and self.trainer is None and status != COMPLETED:
+        if self.status.earlier and self.trainer is None and status != COMPLETED:
             # A resume of this folder's run that ended before any training (a refusal, a bad
             # setting, Ctrl-C): a mistyped resume must not turn a completed run into a failed one
             # and drop how far it got.
-            self.status.restore(self.earlier)
+            self.status.restore()
             log.info(
                 "%s keeps its record (%s): this resume ended before it trained (%s)",
                 self.status.path,
-                self.earlier.get("status"),
+                self.status.earlier.get("status"),
                 error_line(error) if error is not None else status,
             )
             return
@@ -342,13 +341,12 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         resume.check_same_training(
             module.hparams.get("training") or {}, cfg.trainer.get("max_epochs")
         )
-        scheduler = to_plain(module.hparams.scheduler) or {}
+        scheduler = to_plain(module.hparams.scheduler)
         resume.check_optimizer_state(
             list(module.parameters()),
             to_plain(module.hparams.optimizer),
             scheduled=bool(scheduler),
-            cycles_momentum=str(scheduler.get("_target_", "")).endswith(("OneCycleLR", "CyclicLR"))
-            and scheduler.get("cycle_momentum", True) is not False,
+            cycles_momentum=cycles_momentum(scheduler),
         )
         log.info(
             "resuming from %s (epoch %d, step %d)", ckpt_path, resume.epoch, resume.global_step
@@ -612,16 +610,13 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
     hparams = read_hyperparameters(ckpt_path)
     module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     image_size = int(hparams["image_size"])
-    data_settings: dict[str, Any] = {"image_size": image_size}
     if cfg.get("checkpoint_split"):
-        data_settings.update(_checkpoint_split_settings(hparams, ckpt_path, cfg.data.get("root")))
-    datamodule: ChestXrayDataModule = instantiate(cfg.data, **data_settings)
-    if cfg.get("checkpoint_split"):
-        # Compared before anything is decoded: a wrong root is refused after a walk of its folders.
-        saved = {**hparams["split"], "root": str(datamodule.root)}
-        _check_rebuilt_split(saved, datamodule.split_settings(), ckpt_path)
+        datamodule = _checkpoint_data(
+            cfg, hparams, ckpt_path, cfg.data.get("root"), image_size=image_size
+        )
         log.info("evaluating %s on the test split it was trained with", ckpt_path)
     else:
+        datamodule = instantiate(cfg.data, image_size=image_size)
         log.info(
             "evaluating %s (trained at %dpx) on every image of %s",
             ckpt_path,
@@ -660,13 +655,15 @@ def _training_pool(
     """The data a checkpoint was trained on, split as it was, to look for its training images
     among those it is evaluated on; None (the reason logged) where it cannot be rebuilt here."""
     try:
-        settings = _checkpoint_split_settings(hparams, ckpt_path, None)
-        pool: ChestXrayDataModule = instantiate(
-            cfg.data, **settings, image_size=image_size, split_csv=None, external_tests=None
+        pool = _checkpoint_data(
+            cfg,
+            hparams,
+            ckpt_path,
+            None,
+            image_size=image_size,
+            split_csv=None,
+            external_tests=None,
         )
-        changed = split_differences(hparams["split"], pool.split_settings())
-        if changed:
-            raise SplitChangedError(f"its data changed since ({'; '.join(changed)})")
         pool.setup("test")
     except (ValueError, OSError) as reason:  # a check that cannot be made must not stop the eval
         log.warning(
@@ -700,6 +697,26 @@ def _copies_of_training_images(
             *copies[0],
         )
     return len(copies)
+
+
+def _checkpoint_data(
+    cfg: DictConfig, hparams: dict[str, Any], ckpt_path: Path, root: str | None, **settings: Any
+) -> ChestXrayDataModule:
+    """``cfg.data`` (with ``settings``) split as the checkpoint was trained, not yet set up.
+
+    ``root``: where that data lies now (None: where the checkpoint says). Compared before anything
+    is decoded: a wrong root is refused after a walk of its folders.
+
+    Raises:
+        CheckpointError: the checkpoint records no usable split, or its root holds no dataset.
+        SplitChangedError: the files below the root changed since.
+    """
+    datamodule: ChestXrayDataModule = instantiate(
+        cfg.data, **settings, **_checkpoint_split_settings(hparams, ckpt_path, root)
+    )
+    saved = {**hparams["split"], "root": str(datamodule.root)}
+    _check_rebuilt_split(saved, datamodule.split_settings(), ckpt_path)
+    return datamodule
 
 
 def _checkpoint_split_settings(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -76,6 +77,14 @@ _PROGRESS = frozenset(
 )  # fmt: skip
 # What schedulers keep in the optimizer's param_groups (OneCycleLR's peak and floor, ...).
 _GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+
+
+def cycles_momentum(scheduler: Mapping[str, Any] | None) -> bool:
+    """Whether a scheduler config moves the momentum with the learning rate (OneCycleLR and
+    CyclicLR unless ``cycle_momentum=False``): SGD's ``momentum``, Adam's first beta."""
+    scheduler = scheduler or {}
+    cycling = str(scheduler.get("_target_", "")).endswith(("OneCycleLR", "CyclicLR"))
+    return cycling and scheduler.get("cycle_momentum", True) is not False
 
 
 def schedule_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

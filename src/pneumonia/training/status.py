@@ -83,6 +83,8 @@ class RunStatus:
         self.path = Path(output_dir) / STATUS_FILE
         self._clock = time.monotonic()
         earlier = (read_status(output_dir) or {}) if continues else {}
+        #: The record of the attempts before this one ({} for a new run), for :meth:`restore`.
+        self.earlier: dict[str, Any] = earlier
         spent = earlier.get("wall_time_s")
         self._earlier_seconds = float(spent) if isinstance(spent, int | float) else 0.0
         attempts = earlier.get("attempts")
@@ -123,9 +125,9 @@ class RunStatus:
         )
         self._write()
 
-    def restore(self, record: dict[str, Any]) -> None:
-        """Write back a record read before this attempt (one that never started)."""
-        self.record = dict(record)
+    def restore(self) -> None:
+        """Write back the record of the attempts before this one (this one never started)."""
+        self.record = dict(self.earlier)
         self._write()
 
     def _wall_time(self) -> float:
