@@ -79,6 +79,28 @@ def test_testing_on_no_batch_is_refused_unless_the_run_does_not_test(compose_con
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["+trainer.limit_val_batches=0"], "limit_val_batches=0 validates on no image"),
+        (["+trainer.limit_val_batches=0.0"], "limit_val_batches=0 validates on no image"),
+        (
+            ["trainer.check_val_every_n_epoch=5", "trainer.max_epochs=4"],
+            "check_val_every_n_epoch=5 validates after none of the trainer.max_epochs=4",
+        ),
+    ],
+)
+def test_a_fit_that_tests_but_never_validates_is_refused(compose_config, overrides, message):
+    # It tested the last weights at the untrained threshold and temperature, and reported no score.
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(compose_config(*overrides))
+    check_train_config(compose_config(*overrides, "test=false"))
+
+
+def test_a_fit_that_validates_at_its_last_epoch_passes(compose_config):
+    check_train_config(compose_config("trainer.check_val_every_n_epoch=5", "trainer.max_epochs=5"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
         (["figure_method=saliency", "methods=[gradcam]"], "figure_method='saliency' is not among"),
         (["methods=[gradcam,lime]"], r"unknown \['lime'\]"),
         (["methods=[]"], "methods is empty"),

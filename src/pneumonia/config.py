@@ -84,7 +84,31 @@ def check_train_config(cfg: DictConfig) -> None:
             "trainer.limit_test_batches=0 tests on no image, but this run tests; set test=false "
             "to skip testing, or give it a number of batches (or a share, up to 1.0)"
         )
+    if cfg.get("fit", True) and cfg.get("test", True):
+        _check_validates(cfg)
     _check_recipe_groups(cfg)
+
+
+def _check_validates(cfg: DictConfig) -> None:
+    """Refuse a fit that tests but never validates: the weights tested are chosen on validation
+    (the best checkpoint), and the temperature and the decision threshold are fitted on it, so its
+    report would test the last weights at the untrained operating point without a word."""
+    never = None
+    if OmegaConf.select(cfg, "trainer.limit_val_batches") in (0, 0.0):
+        never = "trainer.limit_val_batches=0 validates on no image"
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    if is_whole_number(every) and is_whole_number(epochs) and 1 <= epochs < every:
+        never = (
+            f"trainer.check_val_every_n_epoch={every} validates after none of the "
+            f"trainer.max_epochs={epochs} epochs"
+        )
+    if never:
+        raise ConfigError(
+            f"{never}, but this run tests: the checkpoint it tests is the best by validation, and "
+            "the temperature and the decision threshold are fitted on validation. Validate at least "
+            "once, or set test=false to train without a test report"
+        )
 
 
 def check_threshold_override(key: str, threshold: object) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,27 @@ def test_a_run_stopped_by_sigterm_exits_with_an_error_and_says_how_to_resume(
     assert _loadable_epoch(last) < 29
 
 
+def test_a_sweep_stopped_by_sigterm_summarises_the_stopped_job_and_says_how_to_go_on(
+    small_root, cache_dir, tmp_path
+):
+    """Hydra calls no on_job_end for a SystemExit, so the summary missed the stopped job."""
+    sweep_dir = tmp_path / "sweep"
+    overrides = [
+        "-m", "optimizer.lr=0.001,0.002", f"data.root={small_root}", "image_size=64",
+        "trainer.max_epochs=30", "trainer.enable_progress_bar=false", "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    job = sweep_dir / "optimizer.lr=0.001"
+    sweep_dir.mkdir()  # for the helper's log of the process
+    returncode, output = _stopped_after_a_checkpoint(overrides, job, cache_dir, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM
+    assert f"rerun the sweep with hydra.sweep.dir={sweep_dir} to resume it" in output
+    assert json.loads((job / "run_status.json").read_text())["status"] == "interrupted"
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    (row,) = [line for line in table if line.startswith("| 1 ")]
+    assert "interrupted" in row and "optimizer.lr=0.001" in row
+
+
 def test_an_interrupted_one_cycle_run_resumes(small_root, cache_dir, tmp_path):
     # OneCycleLR cycles Adam's beta1, so the checkpoint's betas differ from the configured ones.
     run_dir = tmp_path / "run"
@@ -162,6 +184,40 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, ca
     assert "ckpt_path=last" not in original and f"run_dir={run_dir}" in original
     (rerun,) = (run_dir / ".hydra").glob("rerun-*")
     assert "ckpt_path=last" in yaml.safe_load((rerun / "overrides.yaml").read_text())
+
+
+@pytest.mark.parametrize("setting", ["augmentation=strong", "data.num_workers=2"])
+def test_a_killed_and_resumed_run_trains_what_the_uninterrupted_run_trained(
+    setting, small_root, cache_dir, tmp_path
+):
+    """Shuffling, augmentation and dropout continue the checkpoint's random stream: the same
+    weights to the bit, the same test report. Worker processes draw their seed once per process,
+    not once per epoch, so they are tried too."""
+    common = [
+        f"data.root={small_root}", "image_size=64", setting, f"trainer.max_epochs={EPOCHS}",
+        "logger=csv", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    train(*common, f"run_dir={tmp_path / 'whole'}", cache_dir=cache_dir)
+    run_dir = tmp_path / "resumed"
+    _stopped_after_a_checkpoint([*common, f"run_dir={run_dir}"], run_dir, cache_dir, signal.SIGKILL)
+    assert _loadable_epoch(run_dir / "checkpoints" / "last.ckpt") < EPOCHS - 1
+    train(*common, f"run_dir={run_dir}", "ckpt_path=last", cache_dir=cache_dir)
+
+    def weights(run) -> dict:
+        last = run / "checkpoints" / "last.ckpt"
+        return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+
+    whole, resumed = weights(tmp_path / "whole"), weights(run_dir)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), (
+        "the resumed run trained otherwise"
+    )
+
+    def report(run) -> tuple:
+        metrics = json.loads((run / "test_metrics.json").read_text())
+        return metrics["metrics"], Path(metrics["checkpoint"]).name
+
+    assert report(run_dir) == report(tmp_path / "whole")
 
 
 @pytest.mark.parametrize(

@@ -606,3 +606,17 @@ def test_clipped_gradients_train_under_bf16_with_an_unfused_adam():
     trainer.fit(module, _random_loader(), _random_loader())
     assert trainer.optimizers[0].defaults.get("fused") is None
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_an_epoch_end_without_a_training_batch_logs_no_training_figures(monkeypatch):
+    # A resume from a checkpoint written before its epoch ended re-enters that epoch's end; empty
+    # metrics logged NaN over the killed run's real figures.
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32)
+    logged = []
+    monkeypatch.setattr(module, "log", lambda name, *a, **k: logged.append(name))
+    monkeypatch.setattr(module, "log_dict", lambda values, *a, **k: logged.extend(values))
+    module.on_train_epoch_end()
+    assert logged == []
+    module.train_metrics.update(torch.tensor([0.9, 0.2]), torch.tensor([1, 0]))
+    module.on_train_epoch_end()
+    assert "train/balanced_accuracy" in logged and "train/precision" in logged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -152,6 +153,32 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
     )  # fmt: skip
     resumed.fit(_Scripted(scores), _loader(), _loader(2), ckpt_path=tmp_path / "last.ckpt")
     assert resumed.global_step == first.global_step
+
+
+@pytest.mark.parametrize(
+    ("scores", "patience", "epochs_trained"),
+    [
+        ([0.5, float("nan"), float("nan"), 0.6, 0.7], 3, 5),  # undefined twice, then better
+        ([0.5, float("nan"), float("nan"), 0.4, 0.7], 2, 3),  # two epochs without improvement
+        ([0.5, float("inf"), 0.6], 5, 2),  # infinity is not undefined: check_finite stops
+    ],
+)
+def test_an_undefined_metric_is_an_epoch_without_improvement(scores, patience, epochs_trained):
+    """Precision is NaN in an epoch that calls nothing PNEUMONIA; Lightning stopped there."""
+    stopper = ResumableEarlyStopping(monitor="val/score", mode="max", patience=patience)
+    trainer = _fit(_Scripted(scores), [stopper], epochs=len(scores))
+    assert trainer.current_epoch == epochs_trained
+    assert stopper.best_score == max(s for s in scores[:epochs_trained] if math.isfinite(s))
+
+
+def test_a_save_the_run_was_killed_in_is_cleared_when_it_starts_again(tmp_path):
+    leftover = tmp_path / "best-epoch=7.ckpt.partial"
+    leftover.write_bytes(b"half a checkpoint")
+    kept = tmp_path / "notes.partial"
+    kept.write_text("not ours")
+    _fit(_Scripted([0.5]), [_checkpoint(tmp_path)], epochs=1)
+    assert not leftover.exists() and kept.exists()
+    assert not list(tmp_path.glob("*.ckpt.partial"))
 
 
 def test_a_checkpoint_that_cannot_be_written_names_its_path(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from pneumonia import CLASS_NAMES, check_image_size, is_whole_number
 from pneumonia.data.cache import CachedImages, build_or_load, pixel_digests
@@ -556,11 +556,22 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
+        generator = None
+        if self.num_workers > 0:
+            # Persistent workers take their seed once per process, where a loader without workers
+            # takes one per epoch: drawn from the global stream, a resumed run would draw it at
+            # another point than the uninterrupted run and continue another stream
+            # (pneumonia.training.random_stream). Their own generator keeps it out; the order
+            # still comes from the global stream.
+            generator = torch.Generator().manual_seed(torch.initial_seed())
+            if shuffle:
+                sampler, shuffle = RandomSampler(dataset), False
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

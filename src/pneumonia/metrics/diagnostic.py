@@ -101,6 +101,11 @@ class DiagnosticMetrics(nn.Module):
         )
         return {name: values[name] for name in METRIC_NAMES}
 
+    @property
+    def updated(self) -> bool:
+        """Whether any batch was counted since the last reset."""
+        return self.stat_scores.update_called
+
     def reset(self) -> None:
         self.stat_scores.reset()
         self.auroc.reset()

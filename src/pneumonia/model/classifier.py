@@ -562,7 +562,11 @@ class XrayClassifier(L.LightningModule):
         self.log("test/loss", self.test_loss, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", self.train_metrics)
+        # A resume from a checkpoint written before its epoch ended (validation every n > 1
+        # epochs) re-enters that epoch's end without a batch: there is nothing to report, and
+        # empty metrics would log NaN over the epoch's real training figures.
+        if self.train_metrics.updated:
+            self._log_epoch("train", self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
         # Validation metrics at the study's fixed threshold: comparable between epochs and runs,

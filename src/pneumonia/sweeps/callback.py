@@ -123,3 +123,28 @@ def _summary_lock(folder: Path) -> Iterator[None]:
 
     with exclusive_lock(folder / SUMMARY_LOCK, "summaries are not serialised"):
         yield  # a summary takes seconds at most
+
+
+def summarize_interrupted_job() -> None:
+    """Run the sweep's :class:`SummarizeSweep` callbacks for this job, which is ending in SIGTERM or
+    Ctrl-C.
+
+    Hydra calls ``on_job_end`` only for jobs that return or raise an ``Exception``; a
+    ``SystemExit`` (Lightning's SIGTERM, a SLURM preemption) or ``KeyboardInterrupt`` passes by it,
+    and the summary would not show the job until the sweep is rerun.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    try:
+        # The job's whole config with its hydra node: what Hydra hands on_job_end.
+        config = HydraConfig.instance().cfg
+        callbacks = OmegaConf.select(config, "hydra.callbacks") or {}
+        wanted = f"{SummarizeSweep.__module__}.{SummarizeSweep.__qualname__}"
+        settings = [c for c in callbacks.values() if c.get("_target_") == wanted]
+        for callback in (instantiate(c) for c in settings):
+            callback.on_job_end(config)
+    except Exception as error:  # a report: never in the way of the exit
+        log.warning(
+            "the sweep was not summarised after this job: %s: %s", type(error).__name__, error
+        )

@@ -65,6 +65,13 @@ class RunCheckpoint(ModelCheckpoint):
         if due:
             self._save_last_if_stale(trainer)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath:
+            # A save the process was killed in; every save writes aside and renames.
+            for leftover in Path(self.dirpath).glob("*.ckpt.partial"):
+                leftover.unlink(missing_ok=True)
+
     def _last_is_due(self, trainer: L.Trainer) -> bool:
         return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer)
 
@@ -380,12 +387,32 @@ class StatusProgress(Callback):
 
 
 class ResumableEarlyStopping(EarlyStopping):
-    """``EarlyStopping`` whose decision holds after a resume.
+    """``EarlyStopping`` whose decision holds after a resume, and which counts an undefined
+    metric as no improvement.
 
     Lightning's checkpoint keeps why the run stopped but not ``trainer.should_stop``, so a stopped
     run resumed in place (killed while testing, say) trained on past its stop and tested other
-    weights than the uninterrupted run. Takes ``EarlyStopping``'s arguments.
+    weights than the uninterrupted run.
+
+    A metric is NaN where it is undefined (precision and F1 in an epoch that calls nothing
+    PNEUMONIA, recall on a split without pneumonia), and Lightning's ``check_finite`` stopped the
+    run there, often at its first epoch. A diverged run is stopped by :class:`StopOnDivergence`
+    (non-finite loss or weights), so here NaN is one more epoch without improvement; infinity
+    still stops. Takes ``EarlyStopping``'s arguments.
     """
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        if not torch.isnan(current):
+            return super()._evaluate_stopping_criteria(current)
+        self.wait_count += 1
+        if self.wait_count < self.patience:
+            return False, f"{self.monitor} is undefined (NaN) this epoch: no improvement"
+        self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
+        return True, (
+            f"Monitored metric {self.monitor} did not improve in the last {self.wait_count} "
+            f"records (undefined in the last). Best score: {self.best_score:.3f}. Signaling "
+            "Trainer to stop."
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -16,6 +16,7 @@ from pneumonia.model.classifier import DEFAULT_NORMALIZATION
 from pneumonia.model.registry import OPTIMIZERS, TARGET
 from pneumonia.training.checkpoints import is_inside, read_checkpoint
 from pneumonia.training.loggers import continue_logs
+from pneumonia.training.random_stream import check_recorded_stream
 from pneumonia.training.schedulers import same_setting
 
 # How each split setting is called on the command line.
@@ -95,6 +96,7 @@ class ResumePoint:
                 raise CheckpointError(
                     f"{path} records {key}={value!r}, not a count; it was not written by train.py"
                 )
+        check_recorded_stream(checkpoint, str(path))
         return cls(
             Path(path),
             checkpoint["hyper_parameters"],

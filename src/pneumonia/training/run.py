@@ -39,6 +39,7 @@ from pneumonia.metrics.report import (
     retire_test_report,
 )
 from pneumonia.model.classifier import XrayClassifier, to_plain
+from pneumonia.sweeps.callback import summarize_interrupted_job
 from pneumonia.training.callbacks import BestEpochMetrics, StatusProgress, StopOnDivergence
 from pneumonia.training.checkpoints import (
     LAST,
@@ -51,6 +52,7 @@ from pneumonia.training.checkpoints import (
 from pneumonia.training.hparams_session import session_hparams, write_session
 from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
 from pneumonia.training.progress import StepProgressBar
+from pneumonia.training.random_stream import RandomStreamCheckpoint
 from pneumonia.training.resume import ResumePoint, split_differences, step_settings
 from pneumonia.training.schedulers import cycles_momentum
 from pneumonia.training.status import (
@@ -121,6 +123,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     except BaseException as error:
         interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
         record.end(INTERRUPTED if interrupted else FAILED, error=error)
+        if interrupted and is_sweep_job():
+            summarize_interrupted_job()
         if isinstance(error, SystemExit) and error.code in (None, 0):
             # Lightning stops on SIGTERM (SLURM's preemption, `kill`) with a SystemExit that has no
             # code: the process would exit 0, and SLURM, make and CI would count the run a success.
@@ -367,6 +371,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     callbacks = [
         *_instantiate_all(cfg.get("callbacks"), Callback),
         StopOnDivergence(check_every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
+        RandomStreamCheckpoint(),
         epochs,
         TestReportWriter(output_dir),
         *([StatusProgress(record.status)] if record.status is not None else []),
