@@ -89,13 +89,26 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_recipe_groups(cfg)
 
 
+# Why a fit that tests must validate; said before it starts, and after it if it did not.
+NEVER_VALIDATED = (
+    "but this run tests: the checkpoint it tests is the best by validation, and the temperature "
+    "and the decision threshold are fitted on validation. Validate at least once, or set "
+    "test=false to train without a test report"
+)
+
+
 def _check_validates(cfg: DictConfig) -> None:
     """Refuse a fit that tests but never validates: the weights tested are chosen on validation
     (the best checkpoint), and the temperature and the decision threshold are fitted on it, so its
     report would test the last weights at the untrained operating point without a word."""
+    if OmegaConf.select(cfg, "trainer.fast_dev_run") or OmegaConf.select(
+        cfg, "trainer.overfit_batches"
+    ):
+        return  # Lightning validates on batches of its own choosing then
     never = None
-    if OmegaConf.select(cfg, "trainer.limit_val_batches") in (0, 0.0):
-        never = "trainer.limit_val_batches=0 validates on no image"
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches")
+    if limit in (0, 0.0):
+        never = f"trainer.limit_val_batches={limit} validates on no image"
     every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
     epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     if is_whole_number(every) and is_whole_number(epochs) and 1 <= epochs < every:
@@ -104,11 +117,7 @@ def _check_validates(cfg: DictConfig) -> None:
             f"trainer.max_epochs={epochs} epochs"
         )
     if never:
-        raise ConfigError(
-            f"{never}, but this run tests: the checkpoint it tests is the best by validation, and "
-            "the temperature and the decision threshold are fitted on validation. Validate at least "
-            "once, or set test=false to train without a test report"
-        )
+        raise ConfigError(f"{never}, {NEVER_VALIDATED}")
 
 
 def check_threshold_override(key: str, threshold: object) -> None:

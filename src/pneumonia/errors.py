@@ -21,6 +21,10 @@ class NothingTrainedError(RuntimeError):
     """A fit that took no optimizer step: there is no trained model whose metrics could be reported."""
 
 
+class NeverValidatedError(RuntimeError):
+    """A fit that tests but never validated: no checkpoint was chosen and no operating point fitted."""
+
+
 class SplitChangedError(ValueError):
     """A run would get a different train/val/test split than the one it was started with."""
 

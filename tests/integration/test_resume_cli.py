@@ -391,6 +391,24 @@ def test_a_run_that_trains_nothing_reports_no_test_metrics(small_root, cache_dir
     assert "NothingTrainedError" in (run_dir / "train.log").read_text()
 
 
+def test_a_run_that_ends_before_its_first_validation_reports_no_test_metrics(
+    small_root, cache_dir, tmp_path
+):
+    # Three batches an epoch: max_steps ends the fit in the second epoch, before the third's
+    # validation; no config check can tell beforehand in general.
+    run_dir = tmp_path / "unvalidated"
+    result = train(
+        f"data.root={small_root}", "image_size=64", "trainer.max_epochs=10",
+        "trainer.check_val_every_n_epoch=3", "+trainer.max_steps=5", "logger=csv",
+        f"run_dir={run_dir}", cache_dir=cache_dir, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "the fit ended after 5 training step(s) without a validation" in result.stderr
+    assert not (run_dir / "test_metrics.json").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run_dir / "run_status.json").read_text())["status"] == "failed"
+
+
 def test_resuming_a_finished_run_into_a_new_folder_trains_and_reports_nothing(
     short_run, small_root, cache_dir, tmp_path
 ):

@@ -538,3 +538,15 @@ def test_crafted_records_are_named_unreadable_and_never_stop_the_table(tmp_path)
     assert rows["good"]["rank"] == "1" and rows["huge_number"]["status"] == "completed"
     assert "RecursionError" in rows["deep"]["error"]
     assert len(summary.runs) == 4
+
+
+def test_a_job_stopped_before_it_began_ranks_after_an_interrupted_one_with_a_score(tmp_path):
+    # Ctrl-C while a joblib sweep started its jobs left one with only its Hydra record; it
+    # ranked first.
+    write_run(tmp_path / "seed=1", status="interrupted", overrides=["seed=1"], score=0.5)
+    begun = tmp_path / "seed=2" / ".hydra"
+    begun.mkdir(parents=True)
+    (begun / "config.yaml").write_text("seed: 2\n")
+    (begun / "overrides.yaml").write_text("- seed=2\n")
+    summary = summarize(tmp_path, plots=False)
+    assert [run.folder for run in summary.runs] == ["seed=1", "seed=2"]

@@ -176,9 +176,11 @@ def test_a_save_the_run_was_killed_in_is_cleared_when_it_starts_again(tmp_path):
     leftover.write_bytes(b"half a checkpoint")
     kept = tmp_path / "notes.partial"
     kept.write_text("not ours")
+    folder = tmp_path / "folder.ckpt.partial"  # not a save: kept, and no reason to stop
+    folder.mkdir()
     _fit(_Scripted([0.5]), [_checkpoint(tmp_path)], epochs=1)
-    assert not leftover.exists() and kept.exists()
-    assert not list(tmp_path.glob("*.ckpt.partial"))
+    assert not leftover.exists() and kept.exists() and folder.is_dir()
+    assert list(tmp_path.glob("*.ckpt.partial")) == [folder]
 
 
 def test_a_checkpoint_that_cannot_be_written_names_its_path(tmp_path, monkeypatch):

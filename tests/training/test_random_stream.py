@@ -82,10 +82,14 @@ def test_a_resumed_fit_trains_what_the_uninterrupted_fit_trained(tmp_path):
     assert torch.equal(resumed, uninterrupted)
 
 
-def test_a_checkpoint_written_before_its_epoch_ended_resumes_from_the_next_epoch_alike(tmp_path):
+@pytest.mark.parametrize("reload_every", [0, 1])
+def test_a_checkpoint_written_before_its_epoch_ended_resumes_from_the_next_epoch_alike(
+    tmp_path, reload_every
+):
     # Validating every second epoch, Lightning saves at the validation, before the epoch ends,
-    # and on resume finishes that epoch with a loader iterator of its own.
-    every_second = {"check_val_every_n_epoch": 2}
+    # and on resume finishes that epoch with a loader iterator of its own; reloading loaders
+    # makes the next epoch's iterator before that epoch's first hook.
+    every_second = {"check_val_every_n_epoch": 2, "reload_dataloaders_every_n_epochs": reload_every}
     uninterrupted = _fit(tmp_path / "a", max_epochs=4, **every_second)
     _fit(tmp_path / "b", max_epochs=2, **every_second)
     last = tmp_path / "b" / "last.ckpt"

@@ -708,8 +708,10 @@ def build_summary(
 
     def rank(run: Run) -> tuple:
         score = run.value(metric)
+        # A Hydra record and nothing else is a job stopped before it began, not an older run.
+        unfinished = run.status == UNKNOWN and not run.values
         return (
-            _STATUS_ORDER.get(run.status, 2),
+            2 if unfinished else _STATUS_ORDER.get(run.status, 2),
             score is None,
             sign * score if score is not None else 0.0,
             _natural_key(run.folder),

@@ -70,7 +70,11 @@ class RunCheckpoint(ModelCheckpoint):
         if stage == "fit" and trainer.is_global_zero and self.dirpath:
             # A save the process was killed in; every save writes aside and renames.
             for leftover in Path(self.dirpath).glob("*.ckpt.partial"):
-                leftover.unlink(missing_ok=True)
+                if leftover.is_file() or leftover.is_symlink():
+                    try:
+                        leftover.unlink()
+                    except OSError as problem:  # not worth stopping a run for
+                        log.warning("could not remove %s: %s", leftover, problem)
 
     def _last_is_due(self, trainer: L.Trainer) -> bool:
         return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer)

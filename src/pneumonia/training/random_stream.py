@@ -234,8 +234,8 @@ class RandomStreamCheckpoint(Callback):
     A checkpoint written when its epoch ended is restored as it is read: Lightning makes the first
     resumed epoch's loader iterator before any later hook (the sanity check in between runs in an
     isolated stream). One written after the epoch's batches but before it ended (validation every
-    n > 1 epochs) is restored when the next epoch starts, since Lightning first finishes the old
-    epoch and makes an iterator for it. One written within the batches cannot be repeated:
+    n > 1 epochs) is restored when Lightning has finished that old epoch, which it re-enters with
+    an iterator of its own. One written within the batches cannot be repeated:
     Lightning restarts that epoch's loader, which draws a new order, so the resume says so.
 
     Streams are per process: under DDP each rank draws its own, and the checkpoint (rank 0's)
@@ -250,7 +250,7 @@ class RandomStreamCheckpoint(Callback):
         self._global_zero = True
         self._epoch_open = False
         self._recorded: dict[str, Any] | None = None  # the resumed checkpoint's
-        self._restore_at_epoch_start = False
+        self._restore_at_epoch_end = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._world_size = trainer.world_size
@@ -258,7 +258,7 @@ class RandomStreamCheckpoint(Callback):
         self._global_zero = trainer.is_global_zero
         self._trainer = trainer
         self._recorded = None
-        self._restore_at_epoch_start = False
+        self._restore_at_epoch_end = False
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
@@ -289,7 +289,7 @@ class RandomStreamCheckpoint(Callback):
                 f"{state_dict['world_size']})"
             )
         elif state_dict.get("saved", EPOCH_END) == AFTER_TRAINING:
-            self._restore_at_epoch_start = True
+            self._restore_at_epoch_end = True
         else:
             restore(state_dict["streams"])
 
@@ -322,13 +322,19 @@ class RandomStreamCheckpoint(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_open = True
-        if self._restore_at_epoch_start:
-            self._restore_at_epoch_start = False
-            restore(self._recorded["streams"])
+        self._restore_pending()  # had the old epoch's end not been re-entered
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before any checkpoint callback's own on_train_epoch_end: Lightning runs those last.
         self._epoch_open = False
+        # The re-entered old epoch ends here; the next one may make its loader iterator before
+        # its on_train_epoch_start (reload_dataloaders_every_n_epochs).
+        self._restore_pending()
+
+    def _restore_pending(self) -> None:
+        if self._restore_at_epoch_end:
+            self._restore_at_epoch_end = False
+            restore(self._recorded["streams"])
 
     def _say(self, message: str) -> None:
         if self._global_zero:

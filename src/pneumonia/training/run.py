@@ -18,10 +18,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pneumonia.config import check_train_config
+from pneumonia.config import NEVER_VALIDATED, check_train_config
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.discovery import looks_like_a_dataset
-from pneumonia.errors import CheckpointError, ConfigError, NothingTrainedError, SplitChangedError
+from pneumonia.errors import (
+    CheckpointError,
+    ConfigError,
+    NeverValidatedError,
+    NothingTrainedError,
+    SplitChangedError,
+)
 from pneumonia.hydra_hooks import hydra_choices, is_sweep_job, job_identity, task_overrides
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import (
@@ -402,6 +408,8 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.best_model_path:
         checkpoint = None
     _refuse_untrained(trainer, checkpoint, resume, cfg, output_dir)
+    if cfg.get("test", True):
+        _refuse_unvalidated(trainer, checkpoint, output_dir)
     score = _best_score(trainer, checkpoint, cfg.optimized_metric, record.best_val())
     if cfg.get("test", True):
         best = checkpoint.best_model_path if checkpoint is not None else None
@@ -540,6 +548,23 @@ def _measure_outside_pool(
         print(f"shift suite: {output_dir / 'shift_suite.md'}, {output_dir / 'shift_suite.png'}")
     add_to_test_report(output_dir, extra)
     return scalars
+
+
+def _refuse_unvalidated(
+    trainer: L.Trainer, checkpoint: ModelCheckpoint | None, output_dir: Path
+) -> None:
+    """Raise NeverValidatedError when a fit that tests never validated (settings that
+    :func:`~pneumonia.config.check_train_config` cannot foresee, such as ``max_steps`` ending the
+    fit before the first validation epoch)."""
+    validated = any(str(key).startswith("val/") for key in trainer.callback_metrics) or (
+        checkpoint is not None and checkpoint.monitor is not None  # in an earlier attempt
+    )
+    if not validated and not trainer.fast_dev_run:
+        raise NeverValidatedError(
+            f"the fit ended after {trainer.global_step} training step(s) without a validation, "
+            f"{NEVER_VALIDATED}. No test metrics are reported; the trained weights are in "
+            f"{output_dir / 'checkpoints'}"
+        )
 
 
 def _refuse_untrained(
