@@ -57,5 +57,6 @@ if wants 7; then
   step "7. the CUDA-only tests"
   timeout 180 python -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py \
     tests/model/test_dropout.py tests/data/test_device_batches.py tests/model/test_augmentation.py \
-    tests/model/test_normalization.py tests/metrics/test_diagnostic.py -k "cuda or gpu" 2>&1 | tail -4
+    tests/model/test_normalization.py tests/metrics/test_diagnostic.py \
+    tests/training/test_random_stream.py -k "cuda or gpu" 2>&1 | tail -4
 fi

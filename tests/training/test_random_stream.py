@@ -195,3 +195,15 @@ def test_a_recorded_stream_is_checked_before_a_resume_and_none_passes():
         with pytest.raises(CheckpointError, match="not a mapping of mappings"):
             check_recorded_stream({"callbacks": callbacks}, "last.ckpt")
     check_recorded_stream(copy.deepcopy({}), "last.ckpt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_stream_is_recorded_checked_and_restored():
+    torch.cuda.manual_seed(0)
+    torch.rand(5, device="cuda")  # the offset moves on from the seed's
+    state = capture()
+    assert len(state["torch.cuda"]) == torch.cuda.device_count()
+    check({"world_size": 1, "streams": state}, "last.ckpt")  # a real state passes the checks
+    first = torch.rand(4, device="cuda").cpu()
+    restore(state)
+    assert torch.equal(torch.rand(4, device="cuda").cpu(), first)
