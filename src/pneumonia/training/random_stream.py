@@ -35,6 +35,9 @@ _TORCH_STATE_BYTES = len(torch.get_rng_state())
 _CUDA_STATE_BYTES = 16  # Philox: a 64-bit seed and a 64-bit offset
 _NUMPY_KEYS = 624  # MT19937's state words
 _MAX_PROCESSES = 1_000_000
+_NOT_OURS = (
+    "it was not written by train.py. Resume from a checkpoints/last.ckpt that train.py wrote"
+)
 
 # When in its epoch a checkpoint was written: after the epoch ended (Lightning saves there when
 # every epoch validates once), after its training batches but before it ended (validation every
@@ -80,8 +83,7 @@ def check(state: Any, where: str) -> None:
     problem = _problem(state)
     if problem is not None:
         raise CheckpointError(
-            f"{where} records a random stream that cannot be restored ({problem}); it was not "
-            "written by train.py. Resume from a checkpoints/last.ckpt that train.py wrote"
+            f"{where} records a random stream that cannot be restored ({problem}); {_NOT_OURS}"
         )
 
 
@@ -96,8 +98,7 @@ def check_recorded_stream(checkpoint: dict[str, Any], where: str) -> None:
     if not (isinstance(callbacks, dict) and all(isinstance(v, dict) for v in callbacks.values())):
         # Lightning hands each callback its entry; anything else fails inside the fit.
         raise CheckpointError(
-            f"{where} records callback states that are not a mapping of mappings; it was not "
-            "written by train.py. Resume from a checkpoints/last.ckpt that train.py wrote"
+            f"{where} records callback states that are not a mapping of mappings; {_NOT_OURS}"
         )
     if RandomStreamCheckpoint.__qualname__ in callbacks:
         check(callbacks[RandomStreamCheckpoint.__qualname__], where)
@@ -145,12 +146,8 @@ def _problem(state: Any) -> str | None:
     tensors = {
         "torch": streams.get("torch"),
         **{f"torch.cuda[{i}]": s for i, s in enumerate(_as_list(streams.get("torch.cuda")))},
-        "numpy keys": (streams.get("numpy") or {}).get("keys")
-        if isinstance(streams.get("numpy"), dict)
-        else None,
-        "python words": (streams.get("python") or {}).get("words")
-        if isinstance(streams.get("python"), dict)
-        else None,
+        "numpy keys": _entry(streams, "numpy", "keys"),
+        "python words": _entry(streams, "python", "words"),
     }
     for name, tensor in tensors.items():
         if not _is_plain_vector(tensor):
@@ -193,6 +190,12 @@ def _problem(state: Any) -> str | None:
     except (TypeError, ValueError, OverflowError, KeyError) as error:
         return f"'numpy' or 'python' is not a generator state ({error})"
     return None
+
+
+def _entry(streams: dict[str, Any], stream: str, key: str) -> Any:
+    """``streams[stream][key]``, or None where either is missing or not a mapping."""
+    recorded = streams.get(stream)
+    return recorded.get(key) if isinstance(recorded, dict) else None
 
 
 def _as_list(value: Any) -> list:
@@ -245,33 +248,29 @@ class RandomStreamCheckpoint(Callback):
 
     def __init__(self) -> None:
         self._trainer: L.Trainer | None = None
-        self._world_size = 1
         self._fitting = False
-        self._global_zero = True
         self._epoch_open = False
         self._recorded: dict[str, Any] | None = None  # the resumed checkpoint's
         self._restore_at_epoch_end = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._world_size = trainer.world_size
-        self._fitting = stage == "fit"
-        self._global_zero = trainer.is_global_zero
         self._trainer = trainer
+        self._fitting = stage == "fit"
         self._recorded = None
         self._restore_at_epoch_end = False
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
+        if trainer is None:  # never set up: no fit to place the save in
+            return {"world_size": 1, "saved": EPOCH_END, "loader": "", "streams": capture()}
         return {
-            "world_size": self._world_size,
+            "world_size": trainer.world_size,
             "saved": self._save_moment(trainer),
-            "loader": loader_kind(trainer.train_dataloader) if trainer is not None else "",
+            "loader": loader_kind(trainer.train_dataloader),
             "streams": capture(),
         }
 
-    def _save_moment(self, trainer: L.Trainer | None) -> str:
-        if trainer is None:
-            return EPOCH_END
+    def _save_moment(self, trainer: L.Trainer) -> str:
         ran_all_batches = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         if not ran_all_batches:
             return MID_EPOCH
@@ -282,10 +281,11 @@ class RandomStreamCheckpoint(Callback):
         self._recorded = state_dict
         if not self._fitting:
             return
-        if state_dict["world_size"] != 1 or self._world_size != 1:
+        processes = self._trainer.world_size if self._trainer is not None else 1
+        if state_dict["world_size"] != 1 or processes != 1:
             self._say(
                 "the random stream continues afresh: the checkpoint holds one process's, and this "
-                f"run trains with {self._world_size} (it was trained with "
+                f"run trains with {processes} (it was trained with "
                 f"{state_dict['world_size']})"
             )
         elif state_dict.get("saved", EPOCH_END) == AFTER_TRAINING:
@@ -337,5 +337,5 @@ class RandomStreamCheckpoint(Callback):
             restore(self._recorded["streams"])
 
     def _say(self, message: str) -> None:
-        if self._global_zero:
+        if self._trainer is None or self._trainer.is_global_zero:
             log.warning(message)
