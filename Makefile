@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 PNEUMONIA_DATA ?= ../shared/data/chest_xray
 ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): most integration tests wait on a train.py subprocess's imports,
+# so two processes use both of a 2-core machine's cores. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help install data train sweep compare predict shift test lint format bench clean
 .DEFAULT_GOAL := help
@@ -69,7 +72,7 @@ format: install ## ruff fix and format
 	$(BIN)/ruff format .
 
 test: lint data ## lint, then the whole test suite on the real data
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: install data ## the speed benchmarks
 	$(BIN)/python benchmarks/study_benchmark.py $(ARGS)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -20,6 +21,12 @@ import pneumonia.hydra_hooks  # noqa: F401  (registers the ${pneumonia.*} resolv
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 os.environ.setdefault("PNEUMONIA_ROOT", str(ROOT))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two test processes (pytest-xdist); with torch's default of one intra-op
+    # thread per core each, they would oversubscribe the cores. The train.py subprocesses that
+    # integration tests start keep the default, as a user's run does.
+    torch.set_num_threads(1)
 
 
 def _find_data_root() -> Path:
