@@ -8,13 +8,13 @@ every image of a patient lands in the same split. ``group_by="image"`` reproduce
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pneumonia.errors import SplitChangedError
+from pneumonia.files import written_aside
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 GROUPINGS = ("patient", "image")
@@ -102,13 +102,11 @@ def write_split_csv(
         _refuse_another_split(path, header, rows)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: under DDP every process may write the same split at once.
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with partial.open("w", newline="") as f:
+    # Under DDP every process may write the same split at once: each writes whole.
+    with written_aside(path) as partial, partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def _refuse_another_split(path: Path, header: list[str], rows: list[list[str]]) -> None:

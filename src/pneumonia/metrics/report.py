@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pneumonia import CLASS_NAMES
 from pneumonia.errors import NonFiniteOutputError
+from pneumonia.files import write_atomic
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 
 
@@ -51,7 +52,7 @@ def write_test_report(output_dir: str | Path, report: dict[str, Any], stem: str 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / f"{stem}_metrics.json"
-    json_path.write_text(to_json(report))
+    write_atomic(json_path, to_json(report))
     figure = confusion_matrix_figure(np.array(report["confusion_matrix"]), CLASS_NAMES, stem)
     figure.savefig(output_dir / f"{stem}_confusion_matrix.png")
     import matplotlib.pyplot as plt
@@ -122,5 +123,5 @@ def add_to_test_report(
     """Merge ``extra`` into ``<stem>_metrics.json`` (created if absent) and return the whole report."""
     path = Path(output_dir) / f"{stem}_metrics.json"
     report = {**(json.loads(path.read_text()) if path.exists() else {}), **extra}
-    path.write_text(to_json(report))
+    write_atomic(path, to_json(report))
     return report

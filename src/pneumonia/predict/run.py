@@ -37,6 +37,7 @@ from pneumonia.config import check_ckpt_path, check_threshold_override
 from pneumonia.data.image_io import decode_or_reason
 from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError, NonFiniteOutputError
+from pneumonia.files import written_aside
 from pneumonia.model.classifier import XrayClassifier
 from pneumonia.predict.inputs import WHAT_TO_PASS, InputImage, collect_inputs
 from pneumonia.training.checkpoints import read_hyperparameters, resolve_checkpoint
@@ -260,8 +261,7 @@ def predict_images(cfg: DictConfig) -> PredictionReport:
     output.parent.mkdir(parents=True, exist_ok=True)
     # Written row by row to a side file, renamed when complete: an interrupted run leaves no
     # complete-looking CSV behind.
-    partial = output.with_name(output.name + ".partial")
-    with partial.open("w", newline="", encoding="utf-8") as file:
+    with written_aside(output) as partial, partial.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(columns)
         for item, score in score_images(
@@ -280,7 +280,6 @@ def predict_images(cfg: DictConfig) -> PredictionReport:
                 format_threshold(threshold),
             ]
             writer.writerow([*row, item.label or ""] if with_labels else row)
-    os.replace(partial, output)
     with unreadable_output.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(UNREADABLE_COLUMNS)

@@ -11,12 +11,12 @@ unpickled into every launcher process.
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pneumonia.files import written_aside
 from pneumonia.sweeps.summary import FINISHED, SEED_KEY, Summary
 
 if TYPE_CHECKING:
@@ -133,11 +133,7 @@ def write_figures(summary: Summary, output_dir: str | Path) -> list[Path]:
         if fig is None:
             continue
         path = figure_path(Path(output_dir), key)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
+        with written_aside(path) as partial:
             fig.savefig(partial, format="png", bbox_inches="tight")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
         written.append(path)
     return written

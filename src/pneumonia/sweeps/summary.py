@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import statistics
 from collections import Counter
@@ -42,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from pneumonia.files import write_atomic
 from pneumonia.hydra_hooks import override_key
 from pneumonia.training.status import (
     COMPLETED,
@@ -796,17 +796,6 @@ def _seed_groups(summary: Summary) -> list[SeedGroup]:
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` beside ``path``, then rename it into place: readers see old or new, whole."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

@@ -27,6 +27,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from pneumonia.files import written_aside
+
 
 def continue_logs(loggers: Iterable[Any], after_step: int) -> None:
     """Tell every logger that can continue a history to drop what was logged after ``after_step``."""
@@ -106,12 +108,10 @@ class _ContinuingWriter(ExperimentWriter):
 
     def _write_rows(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
         """Replace ``metrics.csv`` with ``rows``: written aside, then renamed into place."""
-        partial = f"{self.metrics_file_path}.partial"
-        with open(partial, "w", newline="") as f:
+        with written_aside(self.metrics_file_path) as partial, partial.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(partial, self.metrics_file_path)
 
 
 def _step_of(row: dict[str, str]) -> float:

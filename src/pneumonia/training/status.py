@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import RunFolderBusyError
+from pneumonia.files import write_atomic
 from pneumonia.locks import close_lock_file, exclusive_lock, open_lock_file, try_lock
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,7 @@ class RunStatus:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(self.record, indent=2, allow_nan=False) + "\n")
-        os.replace(partial, self.path)
+        write_atomic(self.path, json.dumps(self.record, indent=2, allow_nan=False) + "\n")
 
 
 def _now() -> str:
