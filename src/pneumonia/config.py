@@ -7,16 +7,14 @@ through a run (a matrix shape error in the first batch, a ``None`` handed to the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from omegaconf import DictConfig, OmegaConf
 
 from pneumonia import check_image_size, is_whole_number
 from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError
 from pneumonia.explain.settings import (
-    INTERPOLATE_MODES,  # noqa: F401  (importable from here as before)
-    TARGETS,
+    METHODS,
+    SIGNS,
     check_batch_size,
     check_interpolate_mode,
     check_layer,
@@ -134,7 +132,8 @@ def check_threshold_override(key: str, threshold: object) -> None:
 
 
 def _check_recipe_groups(cfg: DictConfig) -> None:
-    """The threshold rule and the shift suite's settings, which would otherwise fail after training."""
+    """The threshold rule and the shift suite's settings, which would otherwise fail after training
+    or be silently replaced."""
     from pneumonia.metrics import operating_point  # noqa: F401  (registers the rules)
     from pneumonia.metrics.shift import PERTURBATIONS, SEVERITIES
     from pneumonia.model import registry
@@ -142,9 +141,16 @@ def _check_recipe_groups(cfg: DictConfig) -> None:
     node = cfg.get("operating_point")
     if node and cfg.get("fit", True):
         try:
-            registry.build("operating_point", OmegaConf.to_container(node, resolve=True))
+            rule = registry.build("operating_point", OmegaConf.to_container(node, resolve=True))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"operating_point: {err}") from err
+        threshold = (cfg.get("model") or {}).get("threshold")
+        if threshold is not None:
+            raise ConfigError(
+                f"model.threshold={threshold} would be replaced after the first validation by the "
+                f"operating point ({rule.describe()}); for a fixed threshold use "
+                f"operating_point=fixed operating_point.threshold={threshold}"
+            )
     suite = cfg.get("shift_suite") or {}
     if suite.get("enabled"):
         unknown = [p for p in suite.get("perturbations") or () if p not in PERTURBATIONS]
@@ -171,32 +177,29 @@ def check_ckpt_path(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path=last resumes training in train.py; pass {checkpoint}")
 
 
-def check_explain_config(
-    cfg: DictConfig, methods: Iterable[str], signs: Iterable[str], targets: Iterable[str]
-) -> None:
+def check_explain_config(cfg: DictConfig) -> None:
     """Refuse an explain config naming unknown methods, signs or targets, before any attribution.
 
     Raises:
         ConfigError: naming the value and the choices.
     """
     check_ckpt_path(cfg)
-    methods, signs = tuple(methods), tuple(signs)
     chosen = list(cfg.methods or [])
     if not chosen:
-        raise ConfigError(f"methods is empty; choose one or more of {list(methods)}")
-    unknown = [m for m in chosen if m not in methods]
+        raise ConfigError(f"methods is empty; choose one or more of {list(METHODS)}")
+    unknown = [m for m in chosen if m not in METHODS]
     if unknown:
-        raise ConfigError(f"methods={chosen}: unknown {unknown}; choose from {list(methods)}")
+        raise ConfigError(f"methods={chosen}: unknown {unknown}; choose from {list(METHODS)}")
     if cfg.figure_method not in chosen:
         raise ConfigError(
             f"figure_method={cfg.figure_method!r} is not among methods={chosen}; add it to methods "
             "or pick one of them"
         )
-    bad_signs = [s for s in (cfg.signs or []) if s not in signs]
+    bad_signs = [s for s in (cfg.signs or []) if s not in SIGNS]
     if bad_signs or not cfg.signs:
-        raise ConfigError(f"signs={list(cfg.signs or [])}: choose one or more of {list(signs)}")
+        raise ConfigError(f"signs={list(cfg.signs or [])}: choose one or more of {list(SIGNS)}")
     # The attribution settings shared with the training callback: AttributionSettings' checks.
-    check_target(cfg.target, targets=tuple(targets))
+    check_target(cfg.target)
     check_layer(cfg.layer)
     check_interpolate_mode(cfg.interpolate_mode)
     check_batch_size(cfg.batch_size)
@@ -205,8 +208,3 @@ def check_explain_config(
         if not is_whole_number(value) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a whole number of at least 1")
     resolve_device(cfg.device)
-
-
-def explain_targets() -> tuple[str, ...]:
-    """The values ``explain.py``'s ``target`` accepts (also a class index 0 or 1)."""
-    return TARGETS

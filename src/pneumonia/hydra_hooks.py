@@ -4,15 +4,19 @@ Hydra about itself (its overrides, its chosen options, whether it is a sweep job
 - ``${pneumonia.record_dir:<output_dir>}`` (``hydra.output_subdir``): a run folder that already has a
   Hydra record (a resumed run, a repeated sweep job) gets the new one beside it, in
   ``.hydra/rerun-<time>/``, instead of Hydra overwriting the original overrides.
-- ``${pneumonia.job_dirname:<job number>,<override dirname>}`` (``hydra.sweep.subdir``): a sweep
+- ``${pneumonia.job_dirname:<job number>}`` (``hydra.sweep.subdir``): a sweep
   job's folder is named by its overrides (``optimizer=sgd,optimizer.lr=0.01``), so TensorBoard
   shows each run by what it changed, and a rerun of the sweep finds each job's own folder again.
 - ``${pneumonia.cpu_precision:}`` (``trainer.precision`` of ``trainer=cpu``): bf16 autocast where
   the CPU computes bf16 natively, else full precision (:mod:`pneumonia.training.precision`).
+- ``${pneumonia.optuna_remaining:…}``, ``${pneumonia.optuna_seed:…}`` and
+  ``${pneumonia.optuna_direction:<metric>}`` (``hparams_search=optuna``): a stopped search
+  continues its study with the trials still to run, the same sampler seed, and the direction that
+  ``optimized_metric`` needs (:mod:`pneumonia.sweeps.optuna_study`).
 - :class:`LogFailedJob`: a job that raised writes its traceback into its own task log, which is
   often all a sweep user reads (Hydra prints it only to the terminal).
 
-Importing this module registers the resolver. Hydra unpickles its callbacks in every launcher
+Importing this module registers the resolvers. Hydra unpickles its callbacks in every launcher
 process (joblib, submitit), which imports this module there too.
 """
 

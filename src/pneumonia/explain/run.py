@@ -14,13 +14,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pneumonia import CLASS_NAMES
-from pneumonia.config import check_explain_config, explain_targets
+from pneumonia.config import check_explain_config
 from pneumonia.data.discovery import looks_like_a_dataset
 from pneumonia.data.image_io import load_grayscale
 from pneumonia.devices import resolve_device
 from pneumonia.explain.inputs import ImageToExplain, collect_images
 from pneumonia.explain.methods import (
-    METHODS,
     ClassScores,
     class_scores,
     decision_threshold,
@@ -28,7 +27,6 @@ from pneumonia.explain.methods import (
     resolve_targets,
 )
 from pneumonia.explain.rendering.figures import (
-    SIGNS,
     attribution_grid,
     close,
     describe,
@@ -79,7 +77,7 @@ def load_pixels(
 
 def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``)."""
-    check_explain_config(cfg, METHODS, SIGNS, explain_targets())
+    check_explain_config(cfg)
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

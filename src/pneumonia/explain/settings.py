@@ -20,9 +20,13 @@ if TYPE_CHECKING:
     from pneumonia.explain.methods import AttributionFn
 
 METHODS: tuple[str, ...] = ("guided_gradcam", "gradcam", "guided_backprop", "saliency")
+"""The attribution methods, one module each in :mod:`pneumonia.explain.methods`."""
+
 LAYER_METHODS: tuple[str, ...] = ("guided_gradcam", "gradcam")
 """The methods that weigh a layer's feature map (Grad-CAM's ``layer``); the others ignore it."""
-"""The attribution methods, one module each in :mod:`pneumonia.explain.methods`."""
+
+SIGNS: tuple[str, ...] = ("all", "positive", "negative", "absolute_value")
+"""Which part of a signed map a figure shows (Captum's ``visualize_image_attr`` ``sign``)."""
 
 TARGETS: tuple[str, ...] = ("predicted", *CLASS_NAMES)
 """Which class is explained: the predicted one, or a class by name (any case) or index 0/1."""
@@ -39,8 +43,9 @@ def check_method(method: Any, key: str = "method", methods: tuple[str, ...] = ME
         )
 
 
-def check_target(target: Any, key: str = "target", targets: tuple[str, ...] = TARGETS) -> None:
-    """Raises ConfigError unless ``target`` is one of ``targets`` (any case) or a class index 0/1."""
+def check_target(target: Any, key: str = "target") -> None:
+    """Raises ConfigError unless ``target`` is one of ``TARGETS`` (any case) or a class index 0/1."""
+    targets = TARGETS
     if isinstance(target, bool):
         valid = False
     elif isinstance(target, int):

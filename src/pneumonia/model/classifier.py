@@ -41,10 +41,14 @@ from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from pneumonia import CLASS_NAMES, check_image_size
 from pneumonia.errors import CheckpointError, ConfigError
-from pneumonia.metrics import operating_point as _operating_point  # noqa: F401  (registers rules)
-from pneumonia.metrics.calibration import expected_calibration_error, fit_temperature
+from pneumonia.metrics.calibration import (
+    calibrated_probabilities,
+    expected_calibration_error,
+    fit_temperature,
+)
 from pneumonia.metrics.diagnostic import DiagnosticMetrics
 from pneumonia.metrics.evaluation import log_figure
+from pneumonia.metrics.operating_point import choose_threshold  # importing registers the rules
 from pneumonia.model import registry
 from pneumonia.training import schedulers as _schedulers  # also registers the schedulers
 
@@ -53,12 +57,12 @@ STUDY_THRESHOLD = 0.5
 # What a stored threshold and temperature may be (hyperparameters and checkpoint buffers alike).
 THRESHOLD_RANGE = (0.0, 1.0)
 TEMPERATURE_RANGE = (1e-3, 1e3)
-# The study's normalisation: the training pixels' mean and standard deviation.
 MAX_NETWORK_WEIGHTS = 2**30
 """The most weights (and buffer values) a network may have: 4 GiB in float32. The largest built-in
 one, the study CNN at 1024 px, has 268 M. A config or a checkpoint of a few bytes could otherwise
 ask for a network that exhausts memory while it is initialised, before any weight is compared."""
 
+# The study's normalisation: the training pixels' mean and standard deviation.
 DEFAULT_NORMALIZATION = {"_target_": "pneumonia.model.normalization.DatasetStandardization"}
 
 log = logging.getLogger(__name__)
@@ -577,11 +581,10 @@ class XrayClassifier(L.LightningModule):
             return  # non-finite outputs: StopOnDivergence stops the run, naming the loss
         temperature = fit_temperature(logits, targets)
         uncalibrated = torch.sigmoid(logits)
-        calibrated = torch.sigmoid(logits / temperature)
+        calibrated = calibrated_probabilities(logits, temperature)
         threshold = self.threshold
         if self.hparams.get("operating_point"):
-            rule = registry.build("operating_point", self.hparams.operating_point)
-            threshold = float(rule.choose(calibrated, targets))
+            threshold, _ = choose_threshold(self.hparams.operating_point, calibrated, targets)
         # Every rank fitted the same numbers on the same gathered outputs; rank zero's are taken
         # so that the stored operating point cannot differ between ranks by a rounding.
         threshold, temperature = self.trainer.strategy.broadcast(

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pneumonia.errors import ConfigError
 from pneumonia.explain.methods import (
     METHODS,
     ClassScores,
@@ -117,9 +118,9 @@ def test_layers_and_targets_are_validated():
     assert resolve_targets("predicted", scores).tolist() == [0, 1]
     assert resolve_targets("normal", scores).tolist() == [0, 0]
     assert resolve_targets(1, scores).tolist() == [1, 1]
-    with pytest.raises(ValueError, match="target='COVID'"):
+    with pytest.raises(ConfigError, match="target='COVID'"):
         resolve_targets("COVID", scores)
-    with pytest.raises(ValueError, match="target=2"):
+    with pytest.raises(ConfigError, match="target=2"):
         resolve_targets(2, scores)
     with pytest.raises(ValueError, match="unknown attribution method 'lime'"):
         attribution_fn("lime")

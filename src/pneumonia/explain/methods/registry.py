@@ -19,7 +19,7 @@ from pneumonia.explain.methods.gradcam import gradcam
 from pneumonia.explain.methods.guided_backprop import guided_backprop
 from pneumonia.explain.methods.guided_gradcam import guided_gradcam
 from pneumonia.explain.methods.saliency import saliency
-from pneumonia.explain.settings import METHODS
+from pneumonia.explain.settings import METHODS, check_target
 
 AttributionFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(class_model, images (B, 1, H, W), targets (B,)) -> attributions (B, 1, H, W)``."""
@@ -37,22 +37,16 @@ assert tuple(IMPLEMENTATIONS) == METHODS, "settings.METHODS and the implementati
 
 
 def resolve_targets(target: str | int, scores: torch.Tensor) -> torch.Tensor:
-    """Class index per image: ``"predicted"`` (from ``scores (B, 2)``), a class name, or an index."""
+    """Class index per image: ``"predicted"`` (from ``scores (B, 2)``), a class name, or an index.
+
+    Raises:
+        pneumonia.errors.ConfigError: any other ``target`` (:func:`~pneumonia.explain.settings.check_target`).
+    """
+    check_target(target)
     if isinstance(target, str) and target.lower() == "predicted":
         return scores.argmax(dim=1)
-    if isinstance(target, str) and target not in {"0", "1"}:
-        upper = target.upper()
-        if upper not in CLASS_NAMES:
-            raise ValueError(
-                f"target={target!r} must be 'predicted', {' or '.join(CLASS_NAMES)}, 0 or 1"
-            )
-        index = CLASS_NAMES.index(upper)
-    else:
-        index = int(target)
-        if index not in (0, 1):
-            raise ValueError(
-                f"target={target!r} must be 'predicted', {' or '.join(CLASS_NAMES)}, 0 or 1"
-            )
+    is_index = not isinstance(target, str) or target in {"0", "1"}
+    index = int(target) if is_index else CLASS_NAMES.index(target.upper())
     return torch.full((scores.shape[0],), index, dtype=torch.long, device=scores.device)
 
 

@@ -25,8 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pneumonia import CLASS_NAMES
-
-SIGNS: tuple[str, ...] = ("all", "positive", "negative", "absolute_value")
+from pneumonia.explain.settings import SIGNS
 
 
 def draw_attribution(
