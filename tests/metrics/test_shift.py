@@ -7,6 +7,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from pneumonia.errors import NonFiniteOutputError
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.shift import (
     PERTURBATIONS,
@@ -447,6 +448,23 @@ def test_a_subset_of_perturbations_and_severities():
 def test_predict_returning_the_wrong_length_raises():
     with pytest.raises(ValueError, match="predict returned"):
         _run(predict=lambda batch: torch.zeros(1))
+
+
+def test_a_non_finite_output_on_a_perturbed_set_stops_the_suite_naming_the_set():
+    # NaN is never >= the threshold: uncaught, it would count as a correct NORMAL call.
+    images = _constant_images(values=[200, 160, 120, 90])
+    clean = _mean_intensity(images)
+
+    def nan_when_perturbed(batch):
+        mean = _mean_intensity(batch)
+        return torch.where(torch.isin(mean, clean), mean, torch.nan)
+
+    labels = torch.tensor([1, 1, 0, 0])
+    assert _run(images, labels, predict=nan_when_perturbed, perturbations=["blur"]).unchanged
+    with pytest.raises(NonFiniteOutputError, match="shift suite's brightness 1 set are not finite"):
+        _run(images, labels, predict=nan_when_perturbed, perturbations=["brightness"])
+    with pytest.raises(NonFiniteOutputError, match="shift suite's gamma 1 set"):
+        _run(images, labels, predict=nan_when_perturbed, perturbations=["gamma"])
 
 
 def test_figure(tmp_path):

@@ -1,9 +1,10 @@
 """Evaluating a trained model on a set of images outside Lightning's loops.
 
-The test split is evaluated by ``trainer.test``; the sets a model has never seen in any form, the
-external test sets and the shift suite's perturbed copies of the test split, are evaluated here:
-predictions at the model's stored temperature, decisions at its stored threshold, metrics, the
-confusion matrix and the calibration error, in the shape of ``test_metrics.json``'s own entries.
+The test split is evaluated by ``trainer.test``; the external test sets, which a model has never
+seen in any form, are evaluated here: predictions at the model's stored temperature, decisions at
+its stored threshold, metrics, the confusion matrix and the calibration error. The shift suite
+(:mod:`pneumonia.metrics.shift`) scores its perturbed copies of the test split with the same
+:func:`batch_predictor`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from pneumonia.errors import NonFiniteOutputError
 from pneumonia.metrics.diagnostic import METRIC_NAMES, DiagnosticMetrics
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,7 @@ def run_shift_suite(
 
     Raises:
         ValueError: an unknown perturbation or severity, or mismatched ``images`` and ``labels``.
+        pneumonia.errors.NonFiniteOutputError: ``predict`` returned NaN or infinity on a set.
     """
     names = list(PERTURBATIONS) if perturbations is None else list(perturbations)
     _validate(names, list(severities))
@@ -398,7 +400,8 @@ def run_shift_suite(
     unchanged: list[str] = []
     with bar, torch.no_grad():
         for name, severity in sets:
-            bar.set_postfix_str("clean" if name == "clean" else f"{name} {severity}")
+            label = "clean" if name == "clean" else f"{name} {severity}"
+            bar.set_postfix_str(label)
             generator = torch.Generator().manual_seed(_set_seed(seed, name, severity))
             metrics = DiagnosticMetrics(threshold)
             changed = name == "clean"
@@ -414,11 +417,18 @@ def run_shift_suite(
                         f"predict returned {probabilities.numel()} probabilities for a batch of "
                         f"{batch.shape[0]} images"
                     )
+                if not bool(probabilities.isfinite().all()):
+                    # A NaN is never >= the threshold: it would count as a NORMAL call.
+                    raise NonFiniteOutputError(
+                        f"the model's outputs on the shift suite's {label} set are not "
+                        "finite (the network overflows on these images): its metrics would "
+                        "mean nothing, so the suite stops instead of counting them as NORMAL"
+                    )
                 metrics.update(probabilities, labels[start : start + batch_size])
                 bar.update()
             results.append({key: float(value) for key, value in metrics.compute().items()})
             if not changed:
-                unchanged.append(f"{name} {severity}")
+                unchanged.append(label)
 
     rows = [
         {"perturbation": name, "severity": severity, **values}
