@@ -41,17 +41,10 @@ from pneumonia.explain.trust.regions import (
     summarize_by_class,
 )
 from pneumonia.explain.trust.sanity import cascading_randomization
-from pneumonia.model.classifier import XrayClassifier
-from pneumonia.training.checkpoints import read_hyperparameters, resolve_checkpoint
+from pneumonia.training.checkpoints import load_classifier, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 SUMMARY_IMAGES = 12
-
-
-def load_model(ckpt_path: Path, device: torch.device) -> tuple[XrayClassifier, dict[str, Any]]:
-    hparams = read_hyperparameters(ckpt_path)  # clear error for foreign or unsafe files
-    module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
-    return module.eval(), hparams
 
 
 def load_pixels(
@@ -83,7 +76,7 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, output_dir, prefer_best=True)
-    module, hparams = load_model(ckpt_path, device)
+    module, hparams = load_classifier(ckpt_path, device)
     trained_size = int(hparams["image_size"])
     if cfg.image_size not in (None, trained_size):
         raise ValueError(

@@ -40,7 +40,7 @@ from pneumonia.errors import ConfigError, NonFiniteOutputError
 from pneumonia.files import written_aside
 from pneumonia.model.classifier import XrayClassifier
 from pneumonia.predict.inputs import WHAT_TO_PASS, InputImage, collect_inputs
-from pneumonia.training.checkpoints import read_hyperparameters, resolve_checkpoint
+from pneumonia.training.checkpoints import load_classifier, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +132,6 @@ def format_threshold(threshold: float) -> str:
 
 
 # ----- scoring ---------------------------------------------------------------------------------
-def load_classifier(ckpt_path: Path, device: torch.device) -> XrayClassifier:
-    """The checkpoint's classifier in eval mode on ``device``.
-
-    Raises:
-        CheckpointError: naming the file, when it is not a pneumonia checkpoint that loads safely.
-    """
-    read_hyperparameters(ckpt_path)  # a clear error for foreign or unsafe files first
-    module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
-    return module.eval()
-
-
 def score_images(
     module: XrayClassifier,
     images: Sequence[InputImage],
@@ -236,7 +225,7 @@ def predict_images(cfg: DictConfig) -> PredictionReport:
     output, unreadable_output = output_paths(cfg)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, output.parent, prefer_best=True)
     inputs = collect_inputs(cfg.images)
-    module = load_classifier(ckpt_path, device)
+    module, _ = load_classifier(ckpt_path, device)
     if cfg.threshold is None:
         threshold, source = module.threshold, "stored in the checkpoint"
     else:

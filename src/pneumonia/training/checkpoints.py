@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pneumonia.errors import CheckpointError
 from pneumonia.model.registry import UnsafeConfigError, check_bounded
+
+if TYPE_CHECKING:
+    from pneumonia.model.classifier import XrayClassifier
 
 __all__ = [
     "LAST",
@@ -131,3 +134,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def read_hyperparameters(path: str | Path) -> dict[str, Any]:
     """The hyperparameters of a pneumonia checkpoint, read safely (see :func:`read_checkpoint`)."""
     return read_checkpoint(path)["hyper_parameters"]
+
+
+def load_classifier(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[XrayClassifier, dict[str, Any]]:
+    """The checkpoint's classifier in eval mode on ``device``, and its hyperparameters.
+
+    Raises:
+        CheckpointError: naming the file, when it is not a pneumonia checkpoint that loads safely
+            (checked before Lightning reads it).
+    """
+    # Imported here: config.py imports this module and must not pull in Lightning.
+    from pneumonia.model.classifier import XrayClassifier
+
+    hparams = read_hyperparameters(path)
+    module = XrayClassifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    return module.eval(), hparams

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
@@ -50,6 +51,7 @@ from pneumonia.training.callbacks import BestEpochMetrics, StatusProgress, StopO
 from pneumonia.training.checkpoints import (
     LAST,
     is_inside,
+    load_classifier,
     read_checkpoint,
     read_hyperparameters,
     recorded_score,
@@ -439,11 +441,10 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
             score = _as_float((report or {}).get("metrics", {}).get(name))
     if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
         best = checkpoint.best_model_path if checkpoint is not None else None
-        measured = XrayClassifier.load_from_checkpoint(best, map_location="cpu") if best else module
-        device = trainer.strategy.root_device
+        measured = load_classifier(best)[0] if best else module
         measurements = _measure_outside_pool(
             cfg, measured, datamodule, datamodule, loggers, output_dir, trainer.global_step,
-            device if device.type == "cuda" else None,
+            trainer.strategy.root_device,
         )  # fmt: skip
         if cfg.optimized_metric in measurements:
             score = measurements[cfg.optimized_metric]
@@ -497,18 +498,20 @@ def _measure_outside_pool(
     loggers: list[Logger],
     output_dir: Path,
     step: int,
-    device: Any = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Evaluate on the external test sets and run the shift suite, as configured.
 
     ``pool``: the module's training pool, to look for its images among the external ones (None:
-    not at hand). The shift suite perturbs ``datamodule``'s test split.
+    not at hand). The shift suite perturbs ``datamodule``'s test split. ``device``: the trainer's;
+    only a CUDA device is used, the CPU path scores where the module already is.
 
     Results go into ``test_metrics.json`` (``external``, ``shift_suite``), the loggers
     (``external/<name>/<metric>``, ``shift/robustness``) and, for the shift suite, a table and a
     plot beside it. Returns every scalar logged, by name, for the sweeper.
     """
     module.eval()
+    device = device if device is not None and device.type == "cuda" else None
     scalars: dict[str, float] = {}
     extra: dict[str, Any] = {}
     if datamodule.external_tests:
@@ -637,8 +640,7 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
         raise CheckpointError(
             "evaluation needs a checkpoint: pass ckpt_path=<file.ckpt or run folder>"
         )
-    hparams = read_hyperparameters(ckpt_path)
-    module = XrayClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    module, hparams = load_classifier(ckpt_path)
     image_size = int(hparams["image_size"])
     if cfg.get("checkpoint_split"):
         datamodule = _checkpoint_data(
@@ -670,10 +672,8 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
         warn_if_one_class(f"the evaluated set {datamodule.root}", report["confusion_matrix"])
     score = report["metrics"]["balanced_accuracy"] if report else None
     if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
-        device = trainer.strategy.root_device
         measurements = _measure_outside_pool(
-            cfg, module, datamodule, pool, loggers, output_dir, 0,
-            device if device.type == "cuda" else None,
+            cfg, module, datamodule, pool, loggers, output_dir, 0, trainer.strategy.root_device,
         )  # fmt: skip
         score = measurements.get(cfg.optimized_metric, score)
     return score
