@@ -8,7 +8,13 @@ from omegaconf import OmegaConf
 from tensorboard.plugins.hparams import api_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from pneumonia.training.hparams_session import session_hparams, write_session
+from pneumonia.training.hparams_session import (
+    NOT_HYPERPARAMETER_PREFIXES,
+    NOT_HYPERPARAMETERS,
+    session_hparams,
+    write_session,
+)
+from tests.conftest import ROOT
 from tests.tensorboard_tab import hparams_tab
 
 
@@ -98,3 +104,10 @@ def test_where_and_how_a_run_reports_are_not_hyperparameters():
         assert noise not in hparams
     # Without Hydra's choices, the class names say which option a group holds.
     assert hparams["optimizer"] == "SGD" and hparams["model"] == "XrayClassifier"
+
+
+def test_what_never_names_a_sweep_job_is_never_a_hyperparameter():
+    hydra = OmegaConf.load(ROOT / "conf" / "hydra" / "default.yaml")
+    excluded = set(hydra.job.config.override_dirname.exclude_keys)
+    prefixed = {key for key in excluded if key.startswith(NOT_HYPERPARAMETER_PREFIXES)}
+    assert excluded - prefixed <= set(NOT_HYPERPARAMETERS)

@@ -35,9 +35,11 @@ RECIPE_GROUPS = (
     "model", "optimizer", "scheduler", "class_weighting", "augmentation", "normalization",
     "operating_point", "experiment",
 )  # fmt: skip
-# Overrides that say where a run reads or writes or how it reports, not what it is.
+# Overrides that say where a run reads or writes or how it reports, not what it is: every key of
+# hydra.job.config.override_dirname.exclude_keys, and the split file a run reads.
 NOT_HYPERPARAMETERS = (
     "run_dir", "ckpt_path", "data.root", "data.cache_dir", "data.split_csv", "hparams_search",
+    "optuna_trials",
 )  # fmt: skip
 NOT_HYPERPARAMETER_PREFIXES = (
     "hydra", "paths.", "callbacks", "logger", "trainer.enable_", "trainer.log_every_n_steps",

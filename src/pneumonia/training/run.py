@@ -57,7 +57,11 @@ from pneumonia.training.checkpoints import (
     recorded_score,
     resolve_checkpoint,
 )
-from pneumonia.training.hparams_session import session_hparams, write_session
+from pneumonia.training.hparams_session import (
+    NOT_HYPERPARAMETERS,
+    session_hparams,
+    write_session,
+)
 from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
 from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.random_stream import RandomStreamCheckpoint
@@ -854,9 +858,7 @@ def _log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
         if key in cfg
     }
     params["data"] = {
-        k: v
-        for k, v in params.get("data", {}).items()
-        if k not in ("root", "cache_dir", "split_csv")
+        k: v for k, v in params.get("data", {}).items() if f"data.{k}" not in NOT_HYPERPARAMETERS
     }
     for logger in loggers:
         logger.log_hyperparams(params)
