@@ -25,7 +25,14 @@ __all__ = [
 ]
 
 LAST = "last"
+CHECKPOINT_DIR = "checkpoints"
+"""Where a run folder keeps its checkpoints (``conf/callbacks/default.yaml``'s ``dirpath``)."""
 log = logging.getLogger(__name__)
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt``, where a resume, an evaluation and a sweep rerun look."""
+    return Path(run_dir) / CHECKPOINT_DIR / "last.ckpt"
 
 
 def is_inside(path: str | Path, folder: str | Path) -> bool:
@@ -48,8 +55,8 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
 
     The recorded path is looked up by name inside ``run_dir``, so a moved or copied run still works.
     """
-    folder = Path(run_dir) / "checkpoints"
-    last = folder / "last.ckpt"
+    last = last_checkpoint(run_dir)
+    folder = last.parent
     if not last.is_file():
         return None
     recorded = _model_checkpoint_state(last).get("best_model_path")
@@ -82,7 +89,7 @@ def resolve_checkpoint(
     if ckpt_path is None or str(ckpt_path) == "":
         return None
     if str(ckpt_path) == LAST:
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        path = last_checkpoint(output_dir)
         if not path.is_file():
             raise CheckpointError(
                 f"ckpt_path=last, but {path} does not exist. To resume an interrupted run, point the "
@@ -91,11 +98,11 @@ def resolve_checkpoint(
             )
         return path
     path = Path(ckpt_path).expanduser()
-    if path.is_dir() and path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+    if path.is_dir() and path.name == CHECKPOINT_DIR and not (path / CHECKPOINT_DIR).is_dir():
         path = path.parent  # the run's checkpoints folder names the run
     if path.is_dir():
         best = best_checkpoint(path) if prefer_best else None
-        path = best or path / "checkpoints" / "last.ckpt"
+        path = best or last_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; pass ckpt_path=<file.ckpt> or a run folder that has "

@@ -49,8 +49,10 @@ from pneumonia.model.classifier import XrayClassifier, to_plain
 from pneumonia.sweeps.callback import summarize_interrupted_job
 from pneumonia.training.callbacks import BestEpochMetrics, StatusProgress, StopOnDivergence
 from pneumonia.training.checkpoints import (
+    CHECKPOINT_DIR,
     LAST,
     is_inside,
+    last_checkpoint,
     load_classifier,
     read_checkpoint,
     read_hyperparameters,
@@ -114,7 +116,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
         if finished is not None:
             return finished.get("score")
         cfg = _resume_if_interrupted(cfg, output_dir)
-    if not cfg.get("fit", True) and (output_dir / "checkpoints").is_dir():
+    if not cfg.get("fit", True) and (output_dir / CHECKPOINT_DIR).is_dir():
         # Before RunRecord, which would replace the training run's run_status.json.
         raise ConfigError(
             f"{output_dir} holds a training run (it has checkpoints/); an evaluation writes its own "
@@ -187,7 +189,7 @@ def _finished_job(output_dir: Path, overrides: list[str], cfg: DictConfig) -> di
 
 def _check_same_data_root(output_dir: Path, cfg: DictConfig) -> None:
     """Refuse to skip a finished job whose checkpoint was trained on another data root."""
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     if not last.is_file() or cfg.data.get("root") is None:
         return
     try:
@@ -204,7 +206,7 @@ def _check_same_data_root(output_dir: Path, cfg: DictConfig) -> None:
 
 def _resume_if_interrupted(cfg: DictConfig, output_dir: Path) -> DictConfig:
     """A sweep job rerun into its folder continues from its ``last.ckpt`` (or starts afresh)."""
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     if cfg.get("ckpt_path") is not None or not last.is_file():
         return cfg
     log.info("%s was interrupted: resuming it from %s", output_dir, last)
@@ -321,6 +323,22 @@ def _reported_metric(cfg: DictConfig) -> str:
     return "test/balanced_accuracy"
 
 
+def _refuse_checkpoints_elsewhere(callbacks: list[Callback], output_dir: Path) -> None:
+    """A resume (``ckpt_path=last``), an evaluation of the run folder and a sweep rerun all look
+    for the checkpoints in the run folder: saved anywhere else, they would not be found."""
+    expected = (output_dir / CHECKPOINT_DIR).resolve()
+    for callback in callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        dirpath = callback.dirpath  # None: Lightning would pick a folder of the logger's
+        if dirpath is None or Path(dirpath).resolve() != expected:
+            raise ConfigError(
+                f"callbacks.model_checkpoint.dirpath={dirpath}: a run keeps its checkpoints in "
+                f"{expected}, where a resume, an evaluation and a sweep rerun look for them. Leave "
+                "dirpath as it is and choose the run's folder with run_dir=<folder>"
+            )
+
+
 def _last_checkpoint(trainer: L.Trainer) -> dict[str, Any] | None:
     """The fit's ``last.ckpt``, read safely; None when there is none.
 
@@ -388,6 +406,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         TestReportWriter(output_dir),
         *([StatusProgress(record.status)] if record.status is not None else []),
     ]
+    _refuse_checkpoints_elsewhere(callbacks, output_dir)
     if cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in callbacks
     ):
