@@ -42,8 +42,11 @@ def check_train_config(cfg: DictConfig) -> None:
     """Refuse a train/eval config whose parts disagree.
 
     Raises:
-        ConfigError: image sizes of data and network differ or leave 32..1024; ``optimized_metric`` is not a metric
-            the run produces.
+        ConfigError: naming the setting, when the image sizes of data and network differ or leave
+            32..1024; ``optimized_metric`` is not a metric the run produces, or a ``test/`` one
+            with ``test=false``; the test would run on no batch; a fit that tests would never
+            validate; the operating point or the shift suite is set wrongly, or ``model.threshold``
+            would be replaced by the operating point.
     """
     if cfg.get("fit", True):
         sizes = {

@@ -15,7 +15,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from pneumonia.errors import ConfigError
-from pneumonia.explain.methods import ClassScores, decision_threshold, explain, find_layer
+from pneumonia.explain.methods import (
+    AttributionFn,
+    ClassScores,
+    decision_threshold,
+    explain,
+    find_layer,
+)
 from pneumonia.explain.rendering.figures import describe
 from pneumonia.explain.rendering.raster import attribution_grid_image
 from pneumonia.explain.settings import LAYER_METHODS, AttributionSettings
@@ -249,7 +255,7 @@ class AttributionMapsCallback(Callback):
         return self.settings.target
 
     @property
-    def attribute(self):
+    def attribute(self) -> AttributionFn:
         """The attribution function of :attr:`settings`, built on first use (and after unpickling)."""
         if self._attribute is None:
             self._attribute = self.settings.attribution_fn()

@@ -28,6 +28,8 @@ from pneumonia import is_whole_number
 log = logging.getLogger(__name__)
 
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
+# Equal-width bins of the calibration error and the reliability diagram (Guo et al. 2017 use 15).
+ECE_BINS = 15
 
 
 def _to_numpy(values: Any, name: str) -> np.ndarray:
@@ -150,7 +152,7 @@ def _bin_statistics(
     return edges, counts, mean_p, positive
 
 
-def expected_calibration_error(probabilities: Any, targets: Any, n_bins: int = 15) -> float:
+def expected_calibration_error(probabilities: Any, targets: Any, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error of P(PNEUMONIA), the reliability of the positive-class probability.
 
     With ``n_bins`` equal-width bins over [0, 1] (``[0, 1/n), [1/n, 2/n), ..., [(n-1)/n, 1]``, so
@@ -178,7 +180,7 @@ def expected_calibration_error(probabilities: Any, targets: Any, n_bins: int = 1
 
 
 def reliability_diagram(
-    probabilities: Any, targets: Any, n_bins: int = 15, title: str = ""
+    probabilities: Any, targets: Any, n_bins: int = ECE_BINS, title: str = ""
 ) -> Figure:
     """Observed fraction of PNEUMONIA per probability bin against the diagonal, counts below.
 

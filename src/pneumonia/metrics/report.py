@@ -33,11 +33,11 @@ def to_json(report: dict[str, Any]) -> str:
     return json.dumps(strict(report), indent=2, allow_nan=False) + "\n"
 
 
-def format_metrics_table(metrics: dict[str, float], title: str = "test") -> str:
+def format_metrics_table(metrics: dict[str, float]) -> str:
     """A small fixed-width table of ``METRIC_NAMES`` (missing ones are skipped)."""
     rows = [(name, metrics[name]) for name in METRIC_NAMES if name in metrics]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{title:<{width}}   value", "-" * (width + 9)]
+    lines = [f"{'test':<{width}}   value", "-" * (width + 9)]
     lines += [
         f"{name:<{width}}   " + ("   n/a" if value is None or value != value else f"{value:6.4f}")
         for name, value in rows
@@ -45,16 +45,16 @@ def format_metrics_table(metrics: dict[str, float], title: str = "test") -> str:
     return "\n".join(lines)
 
 
-def write_test_report(output_dir: str | Path, report: dict[str, Any], stem: str = "test") -> Path:
-    """Write ``<stem>_metrics.json`` and ``<stem>_confusion_matrix.png`` into ``output_dir``."""
+def write_test_report(output_dir: str | Path, report: dict[str, Any]) -> Path:
+    """Write ``test_metrics.json`` and ``test_confusion_matrix.png`` into ``output_dir``."""
     from pneumonia.metrics.figures import confusion_matrix_figure
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / f"{stem}_metrics.json"
+    json_path = output_dir / "test_metrics.json"
     write_atomic(json_path, to_json(report))
-    figure = confusion_matrix_figure(np.array(report["confusion_matrix"]), CLASS_NAMES, stem)
-    figure.savefig(output_dir / f"{stem}_confusion_matrix.png")
+    figure = confusion_matrix_figure(np.array(report["confusion_matrix"]), CLASS_NAMES, "test")
+    figure.savefig(output_dir / "test_confusion_matrix.png")
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -62,13 +62,13 @@ def write_test_report(output_dir: str | Path, report: dict[str, Any], stem: str 
 
 
 def write_reliability_diagram(
-    output_dir: str | Path, probabilities: np.ndarray, targets: np.ndarray, stem: str = "test"
+    output_dir: str | Path, probabilities: np.ndarray, targets: np.ndarray
 ) -> Path:
-    """Write ``<stem>_reliability.png``: observed P(PNEUMONIA) against predicted, per bin."""
+    """Write ``test_reliability.png``: observed P(PNEUMONIA) against predicted, per bin."""
     from pneumonia.metrics.calibration import reliability_diagram
 
-    path = Path(output_dir) / f"{stem}_reliability.png"
-    reliability_diagram(probabilities, targets, title=f"{stem}, calibrated").savefig(path)
+    path = Path(output_dir) / "test_reliability.png"
+    reliability_diagram(probabilities, targets, title="test, calibrated").savefig(path)
     return path
 
 
@@ -103,25 +103,23 @@ class TestReportWriter(Callback):
             write_reliability_diagram(self.output_dir, *outputs)
 
 
-def retire_test_report(output_dir: str | Path, stem: str = "test") -> None:
-    """Rename an earlier ``<stem>_metrics.json``, its figures and the shift suite's files to
+def retire_test_report(output_dir: str | Path) -> None:
+    """Rename an earlier ``test_metrics.json``, its figures and the shift suite's files to
     ``<name>.previous.<suffix>`` (``test_metrics.previous.json``).
 
     A folder that is fitted again (a resume, a repeated run) must not keep a report that could be
     read as the new fit's result if the new fit fails.
     """
-    names = (f"{stem}_metrics.json", f"{stem}_confusion_matrix.png", f"{stem}_reliability.png")
+    names = ("test_metrics.json", "test_confusion_matrix.png", "test_reliability.png")
     for name in (*names, "shift_suite.csv", "shift_suite.md", "shift_suite.png"):
         path = Path(output_dir) / name
         if path.exists():
             path.replace(path.with_name(name.replace(".", ".previous.", 1)))
 
 
-def add_to_test_report(
-    output_dir: str | Path, extra: dict[str, Any], stem: str = "test"
-) -> dict[str, Any]:
-    """Merge ``extra`` into ``<stem>_metrics.json`` (created if absent) and return the whole report."""
-    path = Path(output_dir) / f"{stem}_metrics.json"
+def add_to_test_report(output_dir: str | Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``extra`` into ``test_metrics.json`` (created if absent) and return the whole report."""
+    path = Path(output_dir) / "test_metrics.json"
     report = {**(json.loads(path.read_text()) if path.exists() else {}), **extra}
     write_atomic(path, to_json(report))
     return report

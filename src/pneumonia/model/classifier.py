@@ -42,6 +42,7 @@ from torchmetrics.aggregation import CatMetric, MeanMetric
 from pneumonia import CLASS_NAMES, check_image_size
 from pneumonia.errors import CheckpointError, ConfigError
 from pneumonia.metrics.calibration import (
+    ECE_BINS,
     calibrated_probabilities,
     expected_calibration_error,
     fit_temperature,
@@ -634,7 +635,7 @@ class XrayClassifier(L.LightningModule):
             "threshold": self.threshold,
             "threshold_rule": (rule or {}).get("_target_", "fixed").rsplit(".", 1)[-1],
             "temperature": float(self.temperature),
-            "calibration": {"ece": ece, "ece_uncalibrated": ece_uncalibrated, "bins": 15},
+            "calibration": {"ece": ece, "ece_uncalibrated": ece_uncalibrated, "bins": ECE_BINS},
             f"metrics_at_{STUDY_THRESHOLD}": study_values,
             f"confusion_matrix_at_{STUDY_THRESHOLD}": at_study.confusion_matrix().tolist(),
         }

@@ -238,7 +238,9 @@ class RunRecord:
         self.epochs: BestEpochMetrics | None = None
         self.fitted_epochs: dict[str, Any] | None = None
 
-    def watch(self, trainer: L.Trainer, loggers: list[Logger], epochs: BestEpochMetrics | None):
+    def watch(
+        self, trainer: L.Trainer, loggers: list[Logger], epochs: BestEpochMetrics | None
+    ) -> None:
         self.trainer, self.loggers, self.epochs = trainer, loggers, epochs
 
     def fit_ended(self) -> None:
@@ -250,7 +252,9 @@ class RunRecord:
         """The validation metrics of the epoch whose weights the checkpoint keeps."""
         return dict(self._progress().get("best_val") or {})
 
-    def end(self, status: str, score: float | None = None, error: BaseException | None = None):
+    def end(
+        self, status: str, score: float | None = None, error: BaseException | None = None
+    ) -> None:
         if self.status is None:
             return
         if self.status.earlier and self.trainer is None and status != COMPLETED:

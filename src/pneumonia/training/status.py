@@ -115,7 +115,9 @@ class RunStatus:
         self.record["wall_time_s"] = self._wall_time()
         self._write()
 
-    def end(self, status: str, score: float | None = None, error: BaseException | None = None):
+    def end(
+        self, status: str, score: float | None = None, error: BaseException | None = None
+    ) -> None:
         """Mark the run ``completed``, ``failed`` or ``interrupted``, with its wall time."""
         self.record.update(
             status=status,
