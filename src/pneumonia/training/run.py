@@ -375,20 +375,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     datamodule: ChestXrayDataModule = instantiate(cfg.data)
     module: XrayClassifier = instantiate(cfg.model, _recursive_=False, **model_arguments(cfg))
     if resume is not None:
-        resume.check_same_model(dict(module.hparams))
-        resume.check_same_training(
-            module.hparams.get("training") or {}, cfg.trainer.get("max_epochs")
-        )
-        scheduler = to_plain(module.hparams.scheduler)
-        resume.check_optimizer_state(
-            list(module.parameters()),
-            to_plain(module.hparams.optimizer),
-            scheduled=bool(scheduler),
-            cycles_momentum=cycles_momentum(scheduler),
-        )
-        log.info(
-            "resuming from %s (epoch %d, step %d)", ckpt_path, resume.epoch, resume.global_step
-        )
+        _check_resumes_the_same_model(resume, module, cfg)
     # Set the data up here, in the launching process: an empty test split fails before 15 epochs
     # of training, and the statistics reach the module even when ddp_spawn trains in workers.
     datamodule.prepare_data()
@@ -402,19 +389,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         resume.check_same_class_weights(module.hparams.get("class_weights"))
 
     epochs = BestEpochMetrics(logged_metrics=(*METRIC_NAMES, "loss"))
-    callbacks = [
-        *_instantiate_all(cfg.get("callbacks"), Callback),
-        StopOnDivergence(check_every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
-        RandomStreamCheckpoint(),
-        epochs,
-        TestReportWriter(output_dir),
-        *([StatusProgress(record.status)] if record.status is not None else []),
-    ]
-    _refuse_checkpoints_elsewhere(callbacks, output_dir)
-    if cfg.trainer.get("enable_progress_bar", True) and not any(
-        isinstance(c, ProgressBar) for c in callbacks
-    ):
-        callbacks.append(StepProgressBar())
+    callbacks = _fit_callbacks(cfg, output_dir, record, epochs)
     loggers = _instantiate_all(cfg.get("logger"), Logger)
     if resume is not None and resume.is_in(output_dir):
         resume.continue_logs(loggers)  # the run's first start logged its hyperparameters
@@ -441,28 +416,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         _refuse_unvalidated(trainer, checkpoint, output_dir)
     score = _best_score(trainer, checkpoint, cfg.optimized_metric, record.best_val())
     if cfg.get("test", True):
-        best = checkpoint.best_model_path if checkpoint is not None else None
-        if best is None:
-            weights = (
-                f"the weights after {trainer.global_step} training step(s) of a fast_dev_run: a "
-                "smoke test, not a result"
-                if trainer.fast_dev_run
-                else f"the final weights after {trainer.global_step} training step(s); no "
-                "checkpoint was saved"
-            )
-            log.warning("no best checkpoint was saved; testing %s", weights)
-        elif checkpoint.monitor is None:
-            weights = f"the final weights, after {trainer.current_epoch} epoch(s)"
-        else:
-            weights = f"the best checkpoint by {checkpoint.monitor}"
-        for logger in loggers:
-            if isinstance(logger, ContinuingTensorBoardLogger):
-                logger.step_floor = _fitted_step(trainer)
-        # verbose=False: the report's own table is printed below, once.
-        trainer.test(
-            module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False
-        )
-        report = _print_report(trainer, output_dir, {"best_val_score": score, "weights": weights})
+        report = _test_fitted(trainer, module, datamodule, checkpoint, loggers, output_dir, score)
         if cfg.optimized_metric.startswith("test/"):
             name = cfg.optimized_metric.removeprefix("test/")
             score = _as_float((report or {}).get("metrics", {}).get(name))
@@ -476,6 +430,76 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         if cfg.optimized_metric in measurements:
             score = measurements[cfg.optimized_metric]
     return score
+
+
+def _check_resumes_the_same_model(
+    resume: ResumePoint, module: XrayClassifier, cfg: DictConfig
+) -> None:
+    """Refuse a resume whose network, training steps or optimiser differ from the checkpoint's."""
+    resume.check_same_model(dict(module.hparams))
+    resume.check_same_training(module.hparams.get("training") or {}, cfg.trainer.get("max_epochs"))
+    scheduler = to_plain(module.hparams.scheduler)
+    resume.check_optimizer_state(
+        list(module.parameters()),
+        to_plain(module.hparams.optimizer),
+        scheduled=bool(scheduler),
+        cycles_momentum=cycles_momentum(scheduler),
+    )
+    log.info("resuming from %s (epoch %d, step %d)", resume.path, resume.epoch, resume.global_step)
+
+
+def _fit_callbacks(
+    cfg: DictConfig, output_dir: Path, record: RunRecord, epochs: BestEpochMetrics
+) -> list[Callback]:
+    """The config's callbacks, and those every fit needs: divergence checks, the random stream
+    in checkpoints, the best epoch's metrics, the test report and the run's status."""
+    callbacks = [
+        *_instantiate_all(cfg.get("callbacks"), Callback),
+        StopOnDivergence(check_every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
+        RandomStreamCheckpoint(),
+        epochs,
+        TestReportWriter(output_dir),
+        *([StatusProgress(record.status)] if record.status is not None else []),
+    ]
+    _refuse_checkpoints_elsewhere(callbacks, output_dir)
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in callbacks
+    ):
+        callbacks.append(StepProgressBar())
+    return callbacks
+
+
+def _test_fitted(
+    trainer: L.Trainer,
+    module: XrayClassifier,
+    datamodule: ChestXrayDataModule,
+    checkpoint: ModelCheckpoint | None,
+    loggers: list[Logger],
+    output_dir: Path,
+    best_val_score: float | None,
+) -> dict[str, Any] | None:
+    """Test the best checkpoint (else the final weights, saying which) and print the report."""
+    best = checkpoint.best_model_path if checkpoint is not None else None
+    if best is None:
+        weights = (
+            f"the weights after {trainer.global_step} training step(s) of a fast_dev_run: a "
+            "smoke test, not a result"
+            if trainer.fast_dev_run
+            else f"the final weights after {trainer.global_step} training step(s); no "
+            "checkpoint was saved"
+        )
+        log.warning("no best checkpoint was saved; testing %s", weights)
+    elif checkpoint.monitor is None:
+        weights = f"the final weights, after {trainer.current_epoch} epoch(s)"
+    else:
+        weights = f"the best checkpoint by {checkpoint.monitor}"
+    for logger in loggers:
+        if isinstance(logger, ContinuingTensorBoardLogger):
+            logger.step_floor = _fitted_step(trainer)
+    # verbose=False: the report's own table is printed below, once.
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    extra = {"best_val_score": best_val_score, "weights": weights}
+    return _print_report(trainer, output_dir, extra)
 
 
 # Top-level config entries that XrayClassifier takes besides cfg.model (its argument names).
