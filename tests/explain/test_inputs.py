@@ -115,4 +115,25 @@ def test_a_folder_with_a_name_that_is_not_utf8_explains_the_others(tmp_path):
     refused: dict[str, str] = {}
     items = collect_images(tmp_path, tmp_path / "m.ckpt", tmp_path, refused)
     assert [i.path.name for i in items] == ["a.jpeg"]
-    assert list(refused.values()) == ["the file name is not valid UTF-8"]
+    assert list(refused.values()) == ["the file name is not valid UTF-8; rename the file"]
+
+
+def test_only_folders_at_or_below_the_given_one_name_a_class(tmp_path):
+    """A checkout or a folder named pneumonia above the images says nothing about them."""
+    scans = tmp_path / "pneumonia" / "my_scans"
+    (scans / "NORMAL").mkdir(parents=True)
+    (scans / "x.jpeg").write_bytes(b"x")
+    (scans / "NORMAL" / "y.jpeg").write_bytes(b"x")
+    items = collect_images(scans, tmp_path / "m.ckpt", tmp_path)
+    assert [(i.path.name, i.label) for i in items] == [("y.jpeg", 0), ("x.jpeg", None)]
+    assert collect_images(scans / "x.jpeg", tmp_path / "m.ckpt", tmp_path)[0].label is None
+    # The folder given is one the user pointed at: it names its images' class.
+    assert [i.label for i in collect_images(scans / "NORMAL", tmp_path / "m.ckpt", tmp_path)] == [0]
+
+
+def test_a_link_back_to_a_parent_folder_is_walked_once(tmp_path):
+    (tmp_path / "NORMAL").mkdir()
+    (tmp_path / "NORMAL" / "a.jpeg").write_bytes(b"x")
+    (tmp_path / "NORMAL" / "up").symlink_to("..")
+    items = collect_images(tmp_path, tmp_path / "m.ckpt", tmp_path)
+    assert [i.path for i in items] == [tmp_path / "NORMAL" / "a.jpeg"]

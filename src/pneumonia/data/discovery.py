@@ -324,3 +324,15 @@ def label_of(rel_parts: tuple[str, ...]) -> int | None:
         if upper in CLASS_NAMES:
             return CLASS_NAMES.index(upper)
     return None
+
+
+def folder_label(path: Path, root: Path | None = None) -> int | None:
+    """The class (index into ``CLASS_NAMES``) a NORMAL or PNEUMONIA folder names for the image
+    ``path``, else None.
+
+    Only folders the user pointed at count: below ``root`` (a folder given as ``images=``) and the
+    root itself (the nearest wins), or else the image's own folder. A folder further up, such as
+    a checkout called ``pneumonia``, says nothing about the image.
+    """
+    folders = (root.name, *path.parent.relative_to(root).parts) if root else (path.parent.name,)
+    return label_of(folders)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.discovery import IMAGE_SUFFIXES, has_utf8_name, is_hidden, label_of
+from pneumonia.data.discovery import (
+    IMAGE_SUFFIXES,
+    folder_label,
+    image_files,
+    label_of,
+    walk_folders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +113,19 @@ def collect_images(
     if path.is_dir() and (path / "split.csv").is_file():
         return _from_split_csv(path / "split.csv", data_root, refused)
     if path.is_file():
-        return [ImageToExplain(path, label_of(path.parent.parts))]
+        return [ImageToExplain(path, folder_label(path))]
     if path.is_dir():
-        found = []
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            for name in sorted(filenames):
-                if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                file = Path(dirpath, name)
-                if not has_utf8_name(file):
-                    refused[repr(str(file))] = "the file name is not valid UTF-8"
-                    log.error("skipping %r: its name is not valid UTF-8", str(file))
-                    continue
-                found.append(ImageToExplain(file, label_of(file.parent.parts)))
+        skipped: dict[str, str] = {}
+        found = [
+            ImageToExplain(file, folder_label(file, path))
+            for dirpath, filenames in walk_folders(path, skipped)
+            for file in image_files(dirpath, filenames, skipped)
+        ]
+        for entry, why in skipped.items():
+            log.error("skipping %s: %s", entry, why)
+        refused.update(skipped)
         if found:
-            return found
+            return sorted(found, key=lambda item: str(item.path))
         raise FileNotFoundError(f"no .jpeg, .jpg or .png images under {path}")
     raise FileNotFoundError(
         f"images={images}: no such file or folder; pass an image, a folder of images, a run folder "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.discovery import has_utf8_name, image_files, label_of, walk_folders
+from pneumonia.data.discovery import folder_label, has_utf8_name, image_files, walk_folders
 
 #: A file with this suffix is a list of image paths, one a line, not an image.
 LIST_SUFFIX = ".txt"
@@ -42,14 +42,9 @@ class Inputs:
 
 
 def path_label(path: Path, root: Path | None = None) -> str | None:
-    """``NORMAL`` or ``PNEUMONIA`` when a folder names the image's class, else None.
-
-    Only folders the user pointed at count: below ``root`` (a folder given as ``images=``) and the
-    root itself (the nearest wins), or else the image's own folder. A folder further up, such as
-    a checkout called ``pneumonia``, says nothing about the image.
-    """
-    folders = (root.name, *path.parent.relative_to(root).parts) if root else (path.parent.name,)
-    index = label_of(folders)
+    """``NORMAL`` or ``PNEUMONIA`` when a folder names the image's class (see
+    :func:`~pneumonia.data.discovery.folder_label`), else None."""
+    index = folder_label(path, root)
     return None if index is None else CLASS_NAMES[index]
 
 
