@@ -115,8 +115,8 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         scores.append(batch_scores.cpu())
         # The module's calibrated P(PNEUMONIA), as its predictions report it.
         probabilities.append(pneumonia_probabilities(model, batch_scores).float().cpu())
-    targets = resolve_targets(settings.target, torch.cat(scores))
     probabilities = torch.cat(probabilities)
+    targets = resolve_targets(settings.target, probabilities, decision_threshold(model))
 
     maps: dict[str, torch.Tensor] = {}
     ms_per_image: dict[str, float] = {}
@@ -198,6 +198,7 @@ def _write_figures(
         labels[:count],
         probabilities[:count].tolist(),
         f"{cfg.figure_method} ({cfg.target} class)",
+        threshold,
     )
     sheet.savefig(output_dir / "summary.png")
     close(sheet)

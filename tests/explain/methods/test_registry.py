@@ -48,6 +48,21 @@ def test_every_method_gives_one_map_per_image_at_input_size(method, size):
     assert targets.tolist() == (logits > 0).long().tolist()
 
 
+def test_the_predicted_class_is_the_decision_at_the_stored_threshold_and_temperature():
+    model, x = _model(), torch.rand(8, 1, 32, 32)
+    with eval_mode(model), torch.no_grad():
+        logits = model.classifier(x)
+    # A threshold between the images' calibrated probabilities: some are called PNEUMONIA below 0.5.
+    model.classifier.set_operating_point(0.0, 2.0)
+    calibrated = torch.sigmoid(logits / 2.0)
+    threshold = float(calibrated.median())
+    model.classifier.set_operating_point(threshold, 2.0)
+    _, probabilities, targets = explain(model, x, attribution_fn("saliency"))
+    torch.testing.assert_close(probabilities, calibrated)
+    assert targets.tolist() == (calibrated >= threshold).long().tolist()
+    assert 0 < int(targets.sum()) < len(x) and threshold != 0.5
+
+
 def test_methods_follow_their_definitions():
     model, x = _model(), torch.rand(2, 1, 32, 32)
     targets = torch.tensor([1, 0])
@@ -114,13 +129,15 @@ def test_layers_and_targets_are_validated():
         ValueError, match=r"layer 'net.nothing' is not in the model; convolutions are"
     ):
         find_layer(model, "net.nothing")
-    scores = torch.tensor([[0.3, -0.3], [-2.0, 2.0]])
-    assert resolve_targets("predicted", scores).tolist() == [0, 1]
-    assert resolve_targets("normal", scores).tolist() == [0, 0]
-    assert resolve_targets(1, scores).tolist() == [1, 1]
+    probabilities = torch.tensor([0.2, 0.45, 0.9])
+    # "predicted" is the decision at the stored threshold: 0.45 is PNEUMONIA at 0.4, not at 0.5.
+    assert resolve_targets("predicted", probabilities, 0.4).tolist() == [0, 1, 1]
+    assert resolve_targets("predicted", probabilities, 0.5).tolist() == [0, 0, 1]
+    assert resolve_targets("normal", probabilities, 0.4).tolist() == [0, 0, 0]
+    assert resolve_targets(1, probabilities, 0.4).tolist() == [1, 1, 1]
     with pytest.raises(ConfigError, match="target='COVID'"):
-        resolve_targets("COVID", scores)
+        resolve_targets("COVID", probabilities, 0.5)
     with pytest.raises(ConfigError, match="target=2"):
-        resolve_targets(2, scores)
+        resolve_targets(2, probabilities, 0.5)
     with pytest.raises(ValueError, match="unknown attribution method 'lime'"):
         attribution_fn("lime")

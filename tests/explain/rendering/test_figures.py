@@ -55,12 +55,12 @@ def test_all_zero_and_one_signed_maps_are_drawn_not_raised(tmp_path):
         close(fig)
 
 
-def test_grid_titles_carry_label_and_probability():
+def test_grid_titles_carry_label_probability_and_the_decision_at_the_stored_threshold():
     images = np.zeros((2, 32, 32))
-    fig = attribution_grid(images, np.ones((2, 32, 32)), [0, None], [0.91, 0.2], "grid")
+    fig = attribution_grid(images, np.ones((2, 32, 32)), [0, None], [0.91, 0.2], "grid", 0.15)
     assert [ax.get_title() for ax in fig.axes] == [
         "true NORMAL\npred PNEUMONIA (p=0.91)",
-        "pred NORMAL (p=0.20)",
+        "pred PNEUMONIA (p=0.20)",
         "signed",
         "signed",
         "overlay",
@@ -70,7 +70,8 @@ def test_grid_titles_carry_label_and_probability():
 
 
 def test_describe_applies_the_threshold_to_the_probability_of_pneumonia():
-    assert describe(1, 0.93) == "true PNEUMONIA, pred PNEUMONIA (p=0.93)"
-    assert describe(None, 0.2) == "pred NORMAL (p=0.20)"
+    assert describe(1, 0.93, 0.5) == "true PNEUMONIA, pred PNEUMONIA (p=0.93)"
+    assert describe(None, 0.2, 0.5) == "pred NORMAL (p=0.20)"
+    assert describe(None, 0.45, 0.4398) == "pred PNEUMONIA (p=0.45)"
     assert describe(-1, 0.7, threshold=0.8) == "pred NORMAL (p=0.70)"  # -1: no known label
     assert describe(0, 0.8, threshold=0.8) == "true NORMAL, pred PNEUMONIA (p=0.80)"

@@ -14,7 +14,11 @@ import torch
 from torch import nn
 
 from pneumonia import CLASS_NAMES
-from pneumonia.explain.methods.common import attribution_mode, pneumonia_probabilities
+from pneumonia.explain.methods.common import (
+    attribution_mode,
+    decision_threshold,
+    pneumonia_probabilities,
+)
 from pneumonia.explain.methods.gradcam import gradcam
 from pneumonia.explain.methods.guided_backprop import guided_backprop
 from pneumonia.explain.methods.guided_gradcam import guided_gradcam
@@ -36,18 +40,24 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 assert tuple(IMPLEMENTATIONS) == METHODS, "settings.METHODS and the implementations disagree"
 
 
-def resolve_targets(target: str | int, scores: torch.Tensor) -> torch.Tensor:
-    """Class index per image: ``"predicted"`` (from ``scores (B, 2)``), a class name, or an index.
+def resolve_targets(
+    target: str | int, probabilities: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """Class index per image ``(B,)``: ``"predicted"``, the class the classifier decides (PNEUMONIA
+    where P(PNEUMONIA) ``probabilities (B,)`` is at or above its stored ``threshold``, not where
+    the uncalibrated score passes 0.5), a class name, or an index.
 
     Raises:
         pneumonia.errors.ConfigError: any other ``target`` (:func:`~pneumonia.explain.settings.check_target`).
     """
     check_target(target)
     if isinstance(target, str) and target.lower() == "predicted":
-        return scores.argmax(dim=1)
+        return (probabilities >= threshold).long()
     is_index = not isinstance(target, str) or target in {"0", "1"}
     index = int(target) if is_index else CLASS_NAMES.index(target.upper())
-    return torch.full((scores.shape[0],), index, dtype=torch.long, device=scores.device)
+    return torch.full(
+        (probabilities.shape[0],), index, dtype=torch.long, device=probabilities.device
+    )
 
 
 def attribution_fn(
@@ -88,8 +98,10 @@ def explain(
     Returns:
         ``(maps (B, 1, H, W), probabilities (B,) of PNEUMONIA, targets (B,) explained class)``; the
         probabilities are the classifier's calibrated ones (see
-        :func:`~pneumonia.explain.methods.common.pneumonia_probabilities`).
+        :func:`~pneumonia.explain.methods.common.pneumonia_probabilities`), and ``"predicted"``
+        explains the class they are called at its stored threshold.
     """
     scores = class_scores(model, images)
-    targets = resolve_targets(target, scores)
-    return method(model, images, targets), pneumonia_probabilities(model, scores), targets
+    probabilities = pneumonia_probabilities(model, scores)
+    targets = resolve_targets(target, probabilities, decision_threshold(model))
+    return method(model, images, targets), probabilities, targets

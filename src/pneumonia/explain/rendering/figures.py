@@ -63,8 +63,9 @@ def draw_attribution(
     ax.axis("off")
 
 
-def describe(label: int | None, probability: float, threshold: float = 0.5) -> str:
-    """``true NORMAL, pred PNEUMONIA (p=0.93)``; p is the probability of PNEUMONIA."""
+def describe(label: int | None, probability: float, threshold: float) -> str:
+    """``true NORMAL, pred PNEUMONIA (p=0.93)``; p is the probability of PNEUMONIA, called
+    PNEUMONIA at or above ``threshold`` (the classifier's stored one)."""
     predicted = CLASS_NAMES[int(probability >= threshold)]
     truth = f"true {CLASS_NAMES[label]}, " if label is not None and label >= 0 else ""
     return f"{truth}pred {predicted} (p={probability:.2f})"
@@ -111,14 +112,17 @@ def attribution_grid(
     labels: Sequence[int | None],
     probabilities: Sequence[float],
     title: str,
+    threshold: float,
 ) -> Figure:
-    """Columns are images ``(N, H, W)``; rows: the X-ray, the signed attribution, the overlay."""
+    """Columns are images ``(N, H, W)``; rows: the X-ray, the signed attribution, the overlay.
+    Each column is titled with its true class and the decision at ``threshold``."""
     count = len(images)
     fig, axes = plt.subplots(3, count, figsize=(2.2 * count, 7.0), squeeze=False)
     for i in range(count):
         axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
         axes[0, i].set_title(
-            describe(labels[i], float(probabilities[i])).replace(", pred", "\npred"), fontsize=8
+            describe(labels[i], float(probabilities[i]), threshold).replace(", pred", "\npred"),
+            fontsize=8,
         )
         axes[0, i].axis("off")
         draw_attribution(fig, axes[1, i], attributions[i], images[i], "heat_map", "all", "signed")
