@@ -206,6 +206,13 @@ def check_explain_config(cfg: DictConfig) -> None:
     check_layer(cfg.layer)
     check_interpolate_mode(cfg.interpolate_mode)
     check_batch_size(cfg.batch_size)
+    if cfg.get("max_images") is not None and (
+        not is_whole_number(cfg.max_images) or cfg.max_images < 1
+    ):
+        raise ConfigError(
+            f"max_images={cfg.max_images!r} must be a whole number of at least 1, or null for "
+            "every image"
+        )
     for key in ("trust.images", "trust.deletion_steps"):
         value = OmegaConf.select(cfg, key)
         if not is_whole_number(value) or value < 1:

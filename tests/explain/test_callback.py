@@ -83,7 +83,7 @@ def test_validate_and_test_run_in_inference_mode(small_root, cache_dir, tmp_path
     trainer.validate(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule)
     names = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
-    assert names == ["test_epoch000.png", "val_epoch000.png"]
+    assert names == ["test.png", "val_epoch000.png"]
 
 
 def test_callback_pickles_for_ddp_spawn_after_use(small_root, cache_dir, tmp_path):

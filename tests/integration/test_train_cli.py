@@ -230,7 +230,7 @@ def test_ddp_on_two_cpu_processes_with_rank_zero_writing(small_root, cache_dir, 
     assert test_rows % 2 == 1  # odd: the default sampler would repeat one image to even out ranks
     assert json.loads((run_dir / "test_metrics.json").read_text())["images"] == test_rows
     assert sorted(p.name for p in (run_dir / "explanations").glob("*.png")) == [
-        "test_epoch002.png", "val_epoch000.png", "val_epoch001.png",
+        "test.png", "val_epoch000.png", "val_epoch001.png",
     ]  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from pneumonia.explain.methods import (
 from pneumonia.explain.rendering.figures import describe
 from pneumonia.explain.rendering.raster import attribution_grid_image
 from pneumonia.explain.settings import LAYER_METHODS, AttributionSettings
+from pneumonia.files import write_atomic, written_aside
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class AttributionMapsCallback(Callback):
     The images are chosen once, half of each class, in the validation set's order, so figures of
     successive epochs are directly comparable. Each time it writes one grid (X-ray, signed map,
     overlay, with label and predicted probability) to TensorBoard under ``explanations/<method>``
-    and as ``<dirpath>/<stage>_epoch<NNN>.png``. It runs under ``trainer.fit`` (after validation),
+    and as ``<dirpath>/val_epoch<NNN>.png`` (after each validation; ``test.png`` for the weights
+    under test, titled with their checkpoint). It runs under ``trainer.fit`` (after validation),
     ``trainer.validate`` and ``trainer.test``; under DDP rank zero alone computes and writes.
     The training loop only computes the attribution (on a GPU it only queues it); a background
     thread copies the maps to the host, draws and writes the grid, and is finished before the next
@@ -189,6 +191,8 @@ class AttributionMapsCallback(Callback):
             else decision_threshold(pl_module),
             "stage": stage,
             "epoch": epoch,
+            # The test runs on the best checkpoint's weights, not on the last epoch's.
+            "weights": Path(trainer.ckpt_path).name if trainer.ckpt_path else "the final weights",
             "step": trainer.global_step,
             "tensorboards": [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)],
         }
@@ -206,9 +210,14 @@ class AttributionMapsCallback(Callback):
         job["maps"] = job["maps"].float().cpu().numpy()
         job["probabilities"] = job["probabilities"].float().cpu().tolist()
         job["threshold"] = float(job["threshold"])
+        when = (
+            f"epoch {job['epoch']}"
+            if job["stage"] == "val"
+            else f"tested weights: {job['weights']}"
+        )
         title = (
             f"{self.settings.method} ({self.settings.target} class) of {self.images_split} images, "
-            f"{job['stage']}, epoch {job['epoch']}"
+            f"{job['stage']}, {when}"
         )
         captions = [
             describe(y, p, job["threshold"]).replace(", ", "\n")
@@ -220,11 +229,14 @@ class AttributionMapsCallback(Callback):
             logger.experiment.add_image(tag, grid, job["step"], dataformats="HWC")
         if self.dirpath is not None:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(self.dirpath / f"{job['stage']}_epoch{job['epoch']:03d}.png")
+            name = f"val_epoch{job['epoch']:03d}.png" if job["stage"] == "val" else "test.png"
+            # Whole or absent: a kill while the grid is written leaves no empty PNG behind.
+            with written_aside(self.dirpath / name) as partial:
+                Image.fromarray(grid).save(partial, format="PNG")
             self.background_seconds.append(time.perf_counter() - start)
             # Lets benchmarks set the callback's cost against an epoch's.
             timings = {"seconds": self.seconds, "background_seconds": self.background_seconds}
-            (self.dirpath / "timings.json").write_text(json.dumps(timings))
+            write_atomic(self.dirpath / "timings.json", json.dumps(timings))
 
     def _wait_for_writes(self) -> None:
         if self._pending is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -41,7 +40,10 @@ from pneumonia.explain.trust.regions import (
     summarize_by_class,
 )
 from pneumonia.explain.trust.sanity import cascading_randomization
+from pneumonia.files import write_atomic
+from pneumonia.metrics.report import to_json
 from pneumonia.training.checkpoints import load_classifier, resolve_checkpoint
+from pneumonia.training.status import hold_run_folder
 
 log = logging.getLogger(__name__)
 SUMMARY_IMAGES = 12
@@ -68,12 +70,33 @@ def load_pixels(
     return np.stack(pixels), kept, failures
 
 
+# What explain.py writes into its folder (besides Hydra's record and its log).
+OUTPUTS = ("figures", "summary.png", "attributions.npz", "trust.json")
+
+
 def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``)."""
+    """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``).
+
+    Raises:
+        RunFolderBusyError: another process works in the folder.
+        FileExistsError: the folder holds an earlier explanation's output, which this one's would
+            mix with (figures of other images or another checkpoint beside the new ones).
+    """
     check_explain_config(cfg)
-    torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run_folder(output_dir):
+        earlier = [name for name in OUTPUTS if (output_dir / name).exists()]
+        if earlier:
+            raise FileExistsError(
+                f"{output_dir} already holds an explanation ({', '.join(earlier)}); this one's "
+                "files would mix with it. Pass another run_dir=<folder>, or delete those first"
+            )
+        return _explain(cfg, output_dir)
+
+
+def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, output_dir, prefer_best=True)
     module, hparams = load_classifier(ckpt_path, device)
@@ -163,7 +186,7 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "ms_per_image": ms_per_image,
         **trust,
     }
-    (output_dir / "trust.json").write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    write_atomic(output_dir / "trust.json", to_json(report))  # NaN (one class) as null
     _print_report(report)
     return report
 
