@@ -36,8 +36,12 @@ def test_full_size_originals_rgb_included(originals_root):
 
 def test_rgb_equals_its_grayscale_conversion(tmp_path):
     rng = np.random.default_rng(0)
-    gray = rng.integers(0, 256, (60, 90), dtype=np.uint8)
-    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(tmp_path / "rgb.png")
+    channels = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)  # three different channels
+    Image.fromarray(channels).save(tmp_path / "rgb.png")
+    # ITU-R 601 luma, as PIL converts (not one channel, not the plain mean)
+    luma = channels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    gray = np.asarray(Image.fromarray(channels).convert("L"))
+    assert np.abs(gray - luma).max() <= 1 and np.abs(gray - channels.mean(axis=-1)).max() > 10
     Image.fromarray(gray).save(tmp_path / "gray.png")
     np.testing.assert_array_equal(
         load_grayscale(tmp_path / "rgb.png", 64), load_grayscale(tmp_path / "gray.png", 64)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from pneumonia.errors import ConfigError
 from pneumonia.explain.callback import AttributionMapsCallback
-from pneumonia.explain.methods import METHODS
+from pneumonia.explain.methods import METHODS, resolve_targets
 from pneumonia.explain.settings import INTERPOLATE_MODES, AttributionSettings
 
 FIELDS = [field.name for field in dataclasses.fields(AttributionSettings)]
@@ -27,9 +28,15 @@ def test_defaults_are_the_studys_and_frozen():
         settings.method = "saliency"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("target", ["predicted", "NORMAL", "pneumonia", 0, 1, "1"])
-def test_every_target_the_methods_resolve_is_accepted(target):
-    assert AttributionSettings(target=target).target == target
+@pytest.mark.parametrize(
+    ("target", "explained"),
+    [("predicted", [0, 1]), ("NORMAL", [0, 0]), ("pneumonia", [1, 1]), (0, [0, 0]), (1, [1, 1]),
+     ("1", [1, 1]), ("0", [0, 0])],
+)  # fmt: skip
+def test_every_accepted_target_resolves_to_the_class_it_names(target, explained):
+    settings = AttributionSettings(target=target)
+    probabilities = torch.tensor([0.2, 0.7])
+    assert resolve_targets(settings.target, probabilities, 0.5).tolist() == explained
 
 
 @pytest.mark.parametrize(

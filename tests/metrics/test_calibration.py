@@ -145,11 +145,14 @@ def test_ece_of_nothing_is_nan():
 
 
 @pytest.mark.parametrize(
-    ("p", "y", "n_bins"),
-    [([1.2], [1], 15), ([float("nan")], [1], 15), ([0.3], [2], 15), ([0.3], [1], 0)],
-)
-def test_ece_refuses_bad_input(p, y, n_bins):
-    with pytest.raises(ValueError):
+    ("p", "y", "n_bins", "message"),
+    [([1.2], [1], 15, r"probabilities must be finite and in \[0, 1\]"),
+     ([float("nan")], [1], 15, r"probabilities must be finite"),
+     ([0.3], [2], 15, r"targets must be 0 \(NORMAL\) or 1 \(PNEUMONIA\)"),
+     ([0.3], [1], 0, r"n_bins must be an integer >= 1, got 0")],
+)  # fmt: skip
+def test_ece_refuses_bad_input(p, y, n_bins, message):
+    with pytest.raises(ValueError, match=message):
         expected_calibration_error(p, y, n_bins=n_bins)
 
 

@@ -244,11 +244,14 @@ def test_invalid_arguments_are_named(make, argument):
 
 
 @pytest.mark.parametrize(
-    ("p", "y"),
-    [([0.2, 1.5], [0, 1]), ([0.2, float("nan")], [0, 1]), ([0.2, 0.4], [0, 2]), ([0.2], [0, 1])],
-)
-def test_invalid_data_are_refused(p, y):
-    with pytest.raises(ValueError):
+    ("p", "y", "message"),
+    [([0.2, 1.5], [0, 1], r"probabilities must be finite and in \[0, 1\]"),
+     ([0.2, float("nan")], [0, 1], r"probabilities must be finite"),
+     ([0.2, 0.4], [0, 2], r"targets must be 0 \(NORMAL\) or 1 \(PNEUMONIA\)"),
+     ([0.2], [0, 1], r"targets has 2 values but there are 1 probabilities")],
+)  # fmt: skip
+def test_invalid_data_are_refused(p, y, message):
+    with pytest.raises(ValueError, match=message):
         MaxBalancedAccuracy().choose(np.array(p), np.array(y))
 
 

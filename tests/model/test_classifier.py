@@ -230,6 +230,23 @@ def test_augmentation_runs_in_training_steps_only_and_is_seeded():
     torch.testing.assert_close(module.predict_proba(images), first_call)
 
 
+def test_training_steps_augment_and_validation_and_test_steps_do_not():
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, augmentation=STRONG)
+    calls = []
+    augment = module.augmentation.forward
+
+    def recording(x):
+        out = augment(x)
+        calls.append((module.trainer.state.stage.value, not torch.equal(out, x)))
+        return out
+
+    module.augmentation.forward = recording
+    trainer = _fit(module, max_epochs=1)
+    trainer.test(module, dataloaders=_separable_loader(), verbose=False)
+    changed = [stage for stage, changed in calls if changed]
+    assert changed == ["train"] * trainer.num_training_batches
+
+
 def test_normalization_is_built_from_its_config_and_gets_the_training_statistics():
     per_image = XrayClassifier(
         net=NET,
@@ -454,7 +471,25 @@ SCHEDULES = {
 }  # fmt: skip
 
 
-def _resume_with_schedule(tmp_path, schedule, tamper=None):
+class _LearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _two_epochs(schedule, ckpt_path=None) -> list[float]:
+    """The learning rate of each step of a 2-epoch fit (of its second epoch when resumed)."""
+    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
+    rates = _LearningRates()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, callbacks=[rates],
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, _separable_loader(), _separable_loader(), ckpt_path=ckpt_path)
+    return rates.rates
+
+
+def _resume_with_schedule(tmp_path, schedule, tamper=None) -> list[float]:
     module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
     path = tmp_path / "one_epoch.ckpt"
     _fit(module, max_epochs=1).save_checkpoint(path)  # half of the 2 epochs each schedule spans
@@ -462,15 +497,15 @@ def _resume_with_schedule(tmp_path, schedule, tamper=None):
         checkpoint = torch.load(path, weights_only=True)
         tamper(checkpoint)
         torch.save(checkpoint, path)
-    again = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, scheduler=schedule)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(again, _separable_loader(), _separable_loader(), ckpt_path=path)
+    return _two_epochs(schedule, ckpt_path=path)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_an_honest_resume_keeps_its_schedule(tmp_path, name):
-    _resume_with_schedule(tmp_path, SCHEDULES[name])
+    whole = _two_epochs(SCHEDULES[name])
+    resumed = _resume_with_schedule(tmp_path, SCHEDULES[name])
+    assert len(whole) == 8 and len(set(whole)) > 1  # the schedule moves the rate
+    assert resumed == whole[4:]  # the second epoch at the rates of the uninterrupted run
 
 
 @pytest.mark.parametrize(
