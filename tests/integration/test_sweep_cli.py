@@ -99,6 +99,8 @@ def test_a_rerun_skips_finished_jobs_and_resumes_interrupted_ones(sweep, small_r
     again = _sweep(small_root, cache_dir, sweep_dir)
     log = (good / "debug.log").read_text()
     assert "was interrupted: resuming it from" in log and "checkpoints/last.ckpt" in log
+    # Logged only once the checkpoint is read for the fit (a job started afresh ends alike).
+    assert f"resuming from {good / 'checkpoints' / 'last.ckpt'} (epoch" in log
     resumed = _status(good)
     # It resumed at its last epoch: nothing was trained again.
     assert resumed["status"] == "completed" and resumed["global_step"] == record["global_step"]

@@ -255,13 +255,14 @@ def test_invalid_data_are_refused(p, y, message):
         MaxBalancedAccuracy().choose(np.array(p), np.array(y))
 
 
-# Rule and threshold of each config on the data of the test below: p .1 .2 .3 .4 .6 .7 with labels
+# Rule and threshold of each config on the data of the test below: p .1 .2 .3 .55 .6 .7 with labels
 # 0 1 0 0 1 1. Sensitivity .95 keeps every positive: halfway between .1 and .2. Balanced accuracy
-# of the candidates .05 .15 .25 .35 .5 .65 .85: .5 .67 .5 .67 .83 .67 .5, best at .5.
+# of the candidates .05 .15 .25 .425 .575 .65 .85: .5 .67 .5 .67 .83 .67 .5, best at .575 (not the
+# 0.5 a rule falls back to).
 EXPECTED_FILES = {
     "fixed": ("FixedThreshold", 0.5),
-    "balanced_accuracy": ("MaxBalancedAccuracy", 0.5),
-    "youden": ("MaxBalancedAccuracy", 0.5),
+    "balanced_accuracy": ("MaxBalancedAccuracy", 0.575),
+    "youden": ("MaxBalancedAccuracy", 0.575),
     "sensitivity": ("TargetSensitivity", 0.15),
 }
 
@@ -272,7 +273,7 @@ def test_registry_builds_every_config(name):
     cls, expected = EXPECTED_FILES[name]
     rule = registry.build("operating_point", node)
     assert type(rule).__name__ == cls
-    p, y = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7]), np.array([0, 1, 0, 0, 1, 1])
+    p, y = np.array([0.1, 0.2, 0.3, 0.55, 0.6, 0.7]), np.array([0, 1, 0, 0, 1, 1])
     # The DictConfig itself is accepted too.
     threshold, description = choose_threshold(OmegaConf.load(CONF / f"{name}.yaml"), p, y)
     assert threshold == pytest.approx(expected)

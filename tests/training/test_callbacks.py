@@ -212,7 +212,7 @@ def test_checkpoints_are_written_aside_and_renamed(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
-@pytest.mark.parametrize("nan_at_step", [0, 5, 6])
+@pytest.mark.parametrize("nan_at_step", [0, 3, 5, 7])  # 4 steps an epoch: 3 and 7 end one
 def test_a_nan_loss_stops_the_run_naming_epoch_step_and_loss(tmp_path, nan_at_step):
     module = _Scripted(val_scores=[0.1, 0.2, 0.3], nan_at_step=nan_at_step)
     guard = StopOnDivergence(check_every_n_steps=50)  # only the epoch-end checks can see it
