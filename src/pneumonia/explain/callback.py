@@ -208,7 +208,7 @@ class AttributionMapsCallback(Callback):
         start = time.perf_counter()
         job["images"] = job["images"].float().cpu().numpy()
         job["maps"] = job["maps"].float().cpu().numpy()
-        job["probabilities"] = job["probabilities"].float().cpu().tolist()
+        job["probabilities"] = job["probabilities"].cpu().tolist()
         job["threshold"] = float(job["threshold"])
         when = (
             f"epoch {job['epoch']}"

@@ -137,7 +137,7 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         batch_scores = class_scores(model, batch.to(device))
         scores.append(batch_scores.cpu())
         # The module's calibrated P(PNEUMONIA), as its predictions report it.
-        probabilities.append(pneumonia_probabilities(model, batch_scores).float().cpu())
+        probabilities.append(pneumonia_probabilities(model, batch_scores).cpu())
     probabilities = torch.cat(probabilities)
     targets = resolve_targets(settings.target, probabilities, decision_threshold(model))
 

@@ -11,6 +11,7 @@ from pneumonia.explain.methods import (
     decision_threshold,
     explain,
     pneumonia_probabilities,
+    resolve_targets,
 )
 from pneumonia.model.classifier import XrayClassifier
 
@@ -32,7 +33,8 @@ class _Logit(nn.Module):
 def test_a_bare_module_gets_the_plain_sigmoid_and_one_half():
     model = ClassScores(_Logit())
     scores = torch.tensor([[-1.0, 1.0], [2.0, -2.0]])
-    torch.testing.assert_close(pneumonia_probabilities(model, scores), torch.sigmoid(scores[:, 1]))
+    probabilities = pneumonia_probabilities(model, scores)
+    torch.testing.assert_close(probabilities, torch.sigmoid(scores[:, 1].double()))
     assert decision_threshold(model) == 0.5 and decision_threshold(_Logit()) == 0.5
 
 
@@ -47,5 +49,14 @@ def test_an_xray_classifier_gives_its_calibrated_probability_and_threshold():
     module.eval()
     with torch.no_grad():
         logits = module(x)
-    torch.testing.assert_close(probabilities, module.probabilities_from_logits(logits))
-    torch.testing.assert_close(probabilities, torch.sigmoid(logits / 3.0))
+    torch.testing.assert_close(probabilities, torch.sigmoid(logits.double() / 3.0))
+    # predict.py's probabilities to the bit: both decide at the stored threshold alike.
+    assert torch.equal(probabilities, module.predict_proba(x))
+
+
+def test_a_probability_just_below_a_threshold_of_one_is_not_rounded_up_to_it():
+    # float32 rounds sigmoid(30) to exactly 1.0: at a stored threshold of 1.0 (a confident model
+    # at a small temperature), explain.py then explained PNEUMONIA where predict.py said NORMAL.
+    probabilities = pneumonia_probabilities(ClassScores(_Logit()), torch.tensor([[-30.0, 30.0]]))
+    assert probabilities.dtype == torch.float64 and probabilities.item() < 1.0
+    assert resolve_targets("predicted", probabilities, 1.0).tolist() == [0]

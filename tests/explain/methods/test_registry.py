@@ -44,7 +44,7 @@ def test_every_method_gives_one_map_per_image_at_input_size(method, size):
     assert maps.shape == (3, 1, size, size) and torch.isfinite(maps).all()
     with eval_mode(model), torch.no_grad():
         logits = model.classifier(x)
-    torch.testing.assert_close(probabilities, torch.sigmoid(logits))
+    torch.testing.assert_close(probabilities, torch.sigmoid(logits.double()))
     assert targets.tolist() == (logits > 0).long().tolist()
 
 
@@ -53,10 +53,9 @@ def test_the_predicted_class_is_the_decision_at_the_stored_threshold_and_tempera
     with eval_mode(model), torch.no_grad():
         logits = model.classifier(x)
     # A threshold between the images' calibrated probabilities: some are called PNEUMONIA below 0.5.
-    model.classifier.set_operating_point(0.0, 2.0)
-    calibrated = torch.sigmoid(logits / 2.0)
-    threshold = float(calibrated.median())
-    model.classifier.set_operating_point(threshold, 2.0)
+    calibrated = torch.sigmoid(logits.double() / 2.0)
+    model.classifier.set_operating_point(float(calibrated.median()), 2.0)
+    threshold = model.classifier.threshold  # as stored (float32)
     _, probabilities, targets = explain(model, x, attribution_fn("saliency"))
     torch.testing.assert_close(probabilities, calibrated)
     assert targets.tolist() == (calibrated >= threshold).long().tolist()

@@ -41,14 +41,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def pneumonia_probabilities(model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
-    """P(PNEUMONIA) ``(B,)`` of the scores ``(B, 2)`` that ``model`` (a :class:`ClassScores`) gave.
+    """P(PNEUMONIA) ``(B,)`` float64 of the scores ``(B, 2)`` that ``model`` (a :class:`ClassScores`)
+    gave.
 
     The classifier's own calibrated probability (``XrayClassifier.probabilities_from_logits``:
-    ``sigmoid(logit / temperature)``) when it has one, else ``sigmoid(logit)``.
+    ``sigmoid(logit / temperature)``) when it has one, else ``sigmoid(logit)``. In float64, as
+    ``predict_proba`` computes it: near the stored threshold (or near 1 at a small temperature)
+    float32 rounding would decide otherwise than ``predict.py`` does.
     """
-    logits = scores[:, 1]
+    logits = scores[:, 1].double()
     calibrated = getattr(unwrap(model), "probabilities_from_logits", None)
-    return calibrated(logits) if callable(calibrated) else torch.sigmoid(logits.float())
+    return calibrated(logits) if callable(calibrated) else torch.sigmoid(logits)
 
 
 def decision_threshold(model: nn.Module) -> float:
