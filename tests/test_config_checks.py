@@ -168,3 +168,28 @@ def test_recipe_settings_that_would_fail_after_training_are_refused_first(
 ):
     with pytest.raises(ConfigError, match=message):
         check_train_config(compose_config(*overrides))
+
+
+def test_the_runs_own_checkpoints_must_stay_in_its_checkpoints_folder(compose_config, tmp_path):
+    cfg = compose_config(f"callbacks.model_checkpoint.dirpath={tmp_path / 'scratch'}")
+    with pytest.raises(
+        ConfigError, match=r"callbacks.model_checkpoint.dirpath=.*scratch.*run_dir="
+    ):
+        check_train_config(cfg)
+    with pytest.raises(ConfigError, match="dirpath=None"):
+        check_train_config(compose_config("callbacks.model_checkpoint.dirpath=null"))
+    # Copies elsewhere, by another checkpoint callback, are the user's to keep.
+    check_train_config(
+        compose_config(
+            "+callbacks.snapshots._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"+callbacks.snapshots.dirpath={tmp_path / 'snapshots'}",
+        )
+    )
+
+
+def test_a_run_without_its_checkpoint_callback_is_told_it_cannot_resume(compose_config, caplog):
+    check_train_config(compose_config("callbacks=none"))
+    assert "cannot be resumed with ckpt_path=last" in caplog.text
+    caplog.clear()
+    check_train_config(compose_config("callbacks=none", "+trainer.enable_checkpointing=false"))
+    assert "cannot be resumed" not in caplog.text

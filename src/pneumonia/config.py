@@ -7,6 +7,9 @@ through a run (a matrix shape error in the first batch, a ``None`` handed to the
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from pneumonia import check_image_size, is_whole_number
@@ -22,7 +25,9 @@ from pneumonia.explain.settings import (
 )
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import external_metric_names
-from pneumonia.training.checkpoints import LAST
+from pneumonia.training.checkpoints import CHECKPOINT_DIR, LAST
+
+log = logging.getLogger(__name__)
 
 OPTIMIZABLE_METRICS: tuple[str, ...] = tuple(
     f"{stage}/{name}" for stage in ("val", "test") for name in (*METRIC_NAMES, "loss")
@@ -87,7 +92,35 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     if cfg.get("fit", True) and cfg.get("test", True):
         _check_validates(cfg)
+    if cfg.get("fit", True):
+        _check_checkpoint_folder(cfg)
     _check_recipe_groups(cfg)
+
+
+def _check_checkpoint_folder(cfg: DictConfig) -> None:
+    """The run's own checkpoints (``callbacks.model_checkpoint``) belong in ``<run_dir>/checkpoints``,
+    where a resume (``ckpt_path=last``), an evaluation of the run folder and a sweep rerun look:
+    saved anywhere else they would not be found, and a rerun would start the job again. Other
+    checkpoint callbacks may save where they like."""
+    expected = Path(OmegaConf.select(cfg, "paths.output_dir")) / CHECKPOINT_DIR
+    node = OmegaConf.select(cfg, "callbacks.model_checkpoint")
+    if node is None:
+        if OmegaConf.select(cfg, "trainer.enable_checkpointing") is not False:
+            log.warning(
+                "callbacks has no model_checkpoint: Lightning's default checkpoint goes under the "
+                "logger's folder, not %s, so this run cannot be resumed with ckpt_path=last nor "
+                "by rerunning its sweep",
+                expected,
+            )
+        return
+    dirpath = node.get("dirpath")
+    if dirpath is None or Path(str(dirpath)).resolve() != expected.resolve():
+        raise ConfigError(
+            f"callbacks.model_checkpoint.dirpath={dirpath}: the run's checkpoints belong in "
+            f"{expected}, where a resume, an evaluation and a sweep rerun look for them. Leave "
+            "dirpath as it is and choose the run's folder with run_dir=<folder>; add another "
+            "ModelCheckpoint under callbacks for copies elsewhere"
+        )
 
 
 # Why a fit that tests must validate; said before it starts, and after it if it did not.

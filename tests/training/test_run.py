@@ -7,15 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 
-from pneumonia.errors import CheckpointError, ConfigError
-from pneumonia.training.callbacks import RunCheckpoint
-from pneumonia.training.run import (
-    _best_score,
-    _checkpoint_split_settings,
-    _refuse_checkpoints_elsewhere,
-)
+from pneumonia.errors import CheckpointError
+from pneumonia.training.run import _best_score, _checkpoint_split_settings
 
 SPLIT = {"root": "/data", "seed": 42, "split_fractions": [0.8, 0.1, 0.1], "group_by": "patient"}
 
@@ -84,14 +78,3 @@ def test_a_session_that_cannot_be_written_leaves_a_completed_run_completed(tmp_p
     record.watch(None, [TensorBoardLogger(str(tmp_path))], None)
     record.end("completed", score=0.9)  # no exception: the run ended as its status says
     assert read_status(tmp_path)["status"] == "completed"
-
-
-def test_checkpoints_saved_outside_the_run_folder_are_refused(tmp_path):
-    """Resume, evaluation and sweep reruns look in <run>/checkpoints: saved elsewhere, a run's
-    checkpoints would not be found (a sweep rerun would silently start the job again)."""
-    run = tmp_path / "run"
-    _refuse_checkpoints_elsewhere([ModelSummary(), RunCheckpoint(dirpath=run / "checkpoints")], run)
-    _refuse_checkpoints_elsewhere([RunCheckpoint(dirpath=f"{run}/../run/checkpoints")], run)
-    for dirpath in (tmp_path / "scratch", None):
-        with pytest.raises(ConfigError, match=r"dirpath=.*choose the run's folder with run_dir="):
-            _refuse_checkpoints_elsewhere([ModelCheckpoint(dirpath=dirpath)], run)

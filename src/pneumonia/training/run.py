@@ -327,22 +327,6 @@ def _reported_metric(cfg: DictConfig) -> str:
     return "test/balanced_accuracy"
 
 
-def _refuse_checkpoints_elsewhere(callbacks: list[Callback], output_dir: Path) -> None:
-    """A resume (``ckpt_path=last``), an evaluation of the run folder and a sweep rerun all look
-    for the checkpoints in the run folder: saved anywhere else, they would not be found."""
-    expected = (output_dir / CHECKPOINT_DIR).resolve()
-    for callback in callbacks:
-        if not isinstance(callback, ModelCheckpoint):
-            continue
-        dirpath = callback.dirpath  # None: Lightning would pick a folder of the logger's
-        if dirpath is None or Path(dirpath).resolve() != expected:
-            raise ConfigError(
-                f"callbacks.model_checkpoint.dirpath={dirpath}: a run keeps its checkpoints in "
-                f"{expected}, where a resume, an evaluation and a sweep rerun look for them. Leave "
-                "dirpath as it is and choose the run's folder with run_dir=<folder>"
-            )
-
-
 def _last_checkpoint(trainer: L.Trainer) -> dict[str, Any] | None:
     """The fit's ``last.ckpt``, read safely; None when there is none.
 
@@ -461,7 +445,6 @@ def _fit_callbacks(
         TestReportWriter(output_dir),
         *([StatusProgress(record.status)] if record.status is not None else []),
     ]
-    _refuse_checkpoints_elsewhere(callbacks, output_dir)
     if cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in callbacks
     ):
