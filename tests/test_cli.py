@@ -37,3 +37,20 @@ def test_console_scripts_find_the_config_tree_from_any_folder(script, tmp_path):
 def test_the_compare_script_explains_a_missing_folder(tmp_path):
     result = _run([str(SCRIPTS / "pneumonia-compare"), str(tmp_path / "nowhere")], tmp_path)
     assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+def test_sigterm_unwinds_explain_and_predict_like_ctrl_c(tmp_path):
+    """Their finally clauses run: a side file of an unfinished output is removed, exit 143."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pneumonia.cli import exit_on_sigterm\n"
+        "from pneumonia.files import written_aside\n"
+        "exit_on_sigterm()\n"
+        f"with written_aside(Path({str(tmp_path / 'predictions.csv')!r})) as partial:\n"
+        "    partial.write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 143, result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,16 @@ def _command(config_name: str, task: str) -> Any:
     return main()
 
 
+def exit_on_sigterm() -> None:
+    """Let SIGTERM end the command as Ctrl-C does: its ``finally`` clauses run (the side file of an
+    unfinished CSV is removed, the folder's lock released) and it exits with status 143.
+
+    Python's default would end the process on the spot. train.py leaves SIGTERM to Lightning,
+    which stops the fit and says how to resume.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def train() -> None:
     """``python train.py`` / ``pneumonia-train``: fit, test, sweep or evaluate (conf/train.yaml)."""
     _command("train", "pneumonia.training.run:run")
@@ -60,9 +71,11 @@ def train() -> None:
 
 def explain() -> None:
     """``python explain.py`` / ``pneumonia-explain``: attribution maps of a checkpoint."""
+    exit_on_sigterm()
     _command("explain", "pneumonia.explain.run:explain_checkpoint")
 
 
 def predict() -> None:
     """``python predict.py`` / ``pneumonia-predict``: P(PNEUMONIA) of any images, as a CSV."""
+    exit_on_sigterm()
     _command("predict", "pneumonia.predict.run:predict_images")

@@ -15,7 +15,8 @@ def written_aside(path: str | Path) -> Iterator[Path]:
     ends without an error, and remove it otherwise.
 
     The side file's name holds the process id, so processes writing the same file at once (DDP
-    ranks, sweep jobs) never share one: the last rename wins, and each rename is whole.
+    ranks, sweep jobs) never share one: the last rename wins, and each rename is whole. A process
+    killed outright (SIGKILL) leaves its hidden side file behind, never a half-written ``path``.
     """
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
