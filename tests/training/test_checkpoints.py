@@ -28,6 +28,23 @@ def test_foreign_files_are_refused_with_the_reason(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.ckpt is not a checkpoint that loads safely"):
         read_hyperparameters(garbage)
+    # Text that torch's unpickler reads as opcodes: it raised a bare KeyError.
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes.ckpt is not a checkpoint .*KeyError"):
+        read_hyperparameters(text)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, crafted)
+    with pytest.raises(
+        CheckpointError, match="it needs unsafe unpickling: Unsupported global"
+    ) as err:
+        read_hyperparameters(crafted)
+    assert "weights_only` set to `False`" not in str(err.value)  # no advice to run the payload
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, other)
     with pytest.raises(

@@ -120,10 +120,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # whatever a file that is not a checkpoint makes torch raise
         raise CheckpointError(
-            f"{path} is not a checkpoint that loads safely with weights_only=True ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})"
+            f"{path} is not a checkpoint that loads safely with weights_only=True "
+            f"({_load_failure(err)}); use a checkpoint written by train.py"
         ) from err
     try:
         check_bounded(checkpoint, "the checkpoint")
@@ -136,6 +136,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "use a checkpoint written by train.py"
         )
     return checkpoint
+
+
+def _load_failure(err: Exception) -> str:
+    """What torch refused, without its advice to load with ``weights_only=False``, which would run
+    whatever code the file holds."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        refused = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"it needs unsafe unpickling: {refused[0] if refused else 'unknown'}"
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def read_hyperparameters(path: str | Path) -> dict[str, Any]:
