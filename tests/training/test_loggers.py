@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import pickle
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -34,6 +35,22 @@ def test_csv_logger_that_is_not_resuming_starts_afresh(tmp_path):
     _log_steps(ContinuingCSVLogger(tmp_path, name="csv", version=""), range(2), 50.0)
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         assert [float(r["val/score"]) for r in csv.DictReader(f)] == [50.0, 51.0]
+
+
+def test_a_copy_of_the_logger_after_the_fit_adds_its_test_rows_to_the_fits(tmp_path):
+    """ddp_spawn tests in worker processes, each with a fresh copy of the fitted logger."""
+    fitted = ContinuingCSVLogger(tmp_path, name="csv", version="")
+    _log_steps(fitted, range(0, 15, 5), 0.0)
+    fitted.keep_history()
+    worker = pickle.loads(pickle.dumps(fitted))
+    worker.log_metrics({"test/score": 0.9}, step=10)
+    worker.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert set(reader.fieldnames) == {"epoch", "step", "test/score", "val/score"}
+    assert [r["val/score"] for r in rows] == ["0.0", "5.0", "10.0", ""]
+    assert rows[-1]["test/score"] == "0.9"
 
 
 def test_tensorboard_has_each_step_once_after_a_resume(tmp_path):

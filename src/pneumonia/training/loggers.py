@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,6 +74,11 @@ class ContinuingCSVLogger(CSVLogger):
             raise RuntimeError("continue_after() must be called before anything is logged")
         self._keep_until_step = int(step)
 
+    def keep_history(self) -> None:
+        """Writers created from now on keep every row: ddp_spawn's test workers start from a copy
+        of this logger, and Lightning's writer would delete the fit's ``metrics.csv``."""
+        self._keep_until_step = sys.maxsize
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
@@ -101,10 +107,13 @@ class _ContinuingWriter(ExperimentWriter):
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         # Lightning truncates metrics.csv and writes it again when a new column appears (the
         # first epoch-end metrics, logged right after a checkpoint is saved): a kill in between
-        # lost every earlier row. Written aside and renamed into place instead.
+        # lost every earlier row. Written aside and renamed into place instead, under the file's
+        # columns and the new ones (a writer that did not write the file knows only its own).
         with open(self.metrics_file_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        self._write_rows(fieldnames, rows)
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            self.metrics_keys = sorted(set(fieldnames).union(reader.fieldnames or []))
+        self._write_rows(self.metrics_keys, rows)
 
     def _write_rows(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
         """Replace ``metrics.csv`` with ``rows``: written aside, then renamed into place."""

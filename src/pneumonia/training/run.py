@@ -64,7 +64,11 @@ from pneumonia.training.hparams_session import (
     session_hparams,
     write_session,
 )
-from pneumonia.training.loggers import ContinuingTensorBoardLogger, continue_logs
+from pneumonia.training.loggers import (
+    ContinuingCSVLogger,
+    ContinuingTensorBoardLogger,
+    continue_logs,
+)
 from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.random_stream import RandomStreamCheckpoint
 from pneumonia.training.resume import ResumePoint, split_differences, step_settings
@@ -389,7 +393,7 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     record.fit_ended()
     for logger in loggers:
-        if isinstance(logger, ContinuingTensorBoardLogger):
+        if isinstance(logger, ContinuingTensorBoardLogger | ContinuingCSVLogger):
             logger.keep_history()
 
     checkpoint = trainer.checkpoint_callback
