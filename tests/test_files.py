@@ -31,3 +31,9 @@ def test_an_error_while_writing_keeps_the_old_content_and_removes_the_side_file(
 def test_write_atomic_writes_utf8_text_and_creates_the_file(tmp_path):
     path = write_atomic(tmp_path / "summary.md", "ρ = 0.5\n")
     assert path.read_bytes() == "ρ = 0.5\n".encode()
+
+
+def test_a_name_as_long_as_a_file_name_may_be_is_written_too(tmp_path):
+    path = tmp_path / ("p" * 251 + ".csv")  # 255 bytes: the longest name a file may have
+    write_atomic(path, "ok")
+    assert path.read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
