@@ -47,6 +47,7 @@ from pneumonia.training.status import hold_run_folder
 
 log = logging.getLogger(__name__)
 SUMMARY_IMAGES = 12
+SANITY_SHOWN = 8  # sanity-check layers printed per method
 
 
 def load_pixels(
@@ -243,6 +244,7 @@ def _trust(
                 subset,
                 subset_targets,
                 seed=cfg.seed,
+                progress=f"sanity check of {method}",
             )
             result["sanity"][method] = [
                 {
@@ -297,12 +299,10 @@ def _print_report(report: dict[str, Any]) -> None:
             "(top layer first; near 1 = the map ignores the weights and does not explain the model)"
         )
         for method, steps in report["sanity"].items():
-            lines.append(
-                f"  {method:<16}"
-                + "  ".join(
-                    f"{s['randomized_through']}: {s['rank_correlation']:+.2f}" for s in steps
-                )
-            )
+            cells = [f"{s['randomized_through']}: {s['rank_correlation']:+.2f}" for s in steps]
+            if len(cells) > SANITY_SHOWN:  # DenseNet-121 has 242 layers; trust.json has them all
+                cells = [*cells[: SANITY_SHOWN - 2], f"... {len(cells)} in trust.json", cells[-1]]
+            lines.append(f"  {method:<16}" + "  ".join(cells))
     if "deletion_auc" in report:
         lines.append("\ndeletion AUC of the explained class's probability (lower = more faithful)")
         lines += [f"  {name:<16}{value:.3f}" for name, value in report["deletion_auc"].items()]

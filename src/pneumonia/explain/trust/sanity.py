@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pneumonia.explain.methods.registry import AttributionFn
 
@@ -123,6 +124,7 @@ def cascading_randomization(
     layers: Sequence[str] | None = None,
     seed: int = 0,
     absolute: bool = True,
+    progress: str | None = None,
 ) -> list[RandomizationStep]:
     """Cascading model-parameter randomisation: how much the maps change as weights are destroyed.
 
@@ -143,6 +145,8 @@ def cascading_randomization(
         seed: base seed of the re-initialisations.
         absolute: compare ``|maps|``, as the paper does (the sign of many methods is not
             meaningful on its own); ``False`` compares signed maps.
+        progress: the label of a progress bar over the layers (DenseNet-121 has 242); ``None``
+            shows none.
 
     Returns:
         One :class:`RandomizationStep` per layer, in randomisation order.
@@ -165,7 +169,8 @@ def cascading_randomization(
     reference = maps()
     devices = sorted({p.device.index or 0 for p in randomised.parameters() if p.is_cuda})
     steps: list[RandomizationStep] = []
-    for k, name in enumerate(names):
+    bar = tqdm(names, desc=progress, unit="layer", leave=False, disable=progress is None)
+    for k, name in enumerate(bar):
         # fork_rng keeps the seeding from leaking into the caller's global RNG stream.
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + k)
