@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pneumonia.errors import RunFolderBusyError
-from pneumonia.explain.run import explain_checkpoint
+from pneumonia.explain.inputs import ImageToExplain
+from pneumonia.explain.run import explain_checkpoint, load_pixels
 from tests.conftest import run_folder_held_elsewhere
 
 
@@ -33,3 +34,15 @@ def test_a_folder_another_process_explains_in_is_refused(compose_config, tmp_pat
         pytest.raises(RunFolderBusyError, match=f"pid {holder.pid}"),
     ):
         explain_checkpoint(cfg)
+
+
+def test_images_missing_from_the_data_root_say_to_pass_data_root(tmp_path):
+    items = [ImageToExplain(tmp_path / "moved" / "NORMAL" / f"{i}.jpeg", 0) for i in range(3)]
+    with pytest.raises(
+        ValueError, match=r"none of the 3 images exists under the data root .*data_root="
+    ):
+        load_pixels(items, 32, tmp_path / "moved")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = [ImageToExplain(tmp_path / "broken.png", 0)]
+    with pytest.raises(ValueError, match="none of the 1 images could be read"):
+        load_pixels(broken, 32, tmp_path)

@@ -51,9 +51,14 @@ SANITY_SHOWN = 8  # sanity-check layers printed per method
 
 
 def load_pixels(
-    items: list[ImageToExplain], image_size: int
+    items: list[ImageToExplain], image_size: int, data_root: Path | None = None
 ) -> tuple[np.ndarray, list[ImageToExplain], dict[str, str]]:
-    """Decode every image to ``(N, S, S)`` uint8; unreadable ones are reported, not fatal."""
+    """Decode every image to ``(N, S, S)`` uint8; unreadable ones are reported, not fatal.
+
+    Raises:
+        ValueError: no image could be read; when none exists under ``data_root`` (a split's images,
+            after the data moved), the message says to pass ``data_root=``.
+    """
     pixels, kept, failures = [], [], {}
     for item in tqdm(items, desc="loading images", unit="img"):
         try:
@@ -67,6 +72,12 @@ def load_pixels(
                 failures[str(item.path)],
             )
     if not kept:
+        if data_root is not None and not any(item.path.exists() for item in items):
+            raise ValueError(
+                f"none of the {len(items)} images exists under the data root {data_root} (e.g. "
+                f"{items[0].path}): the data has moved since the checkpoint was trained; pass "
+                "data_root=<the folder now holding it>"
+            )
         raise ValueError(f"none of the {len(items)} images could be read: {failures}")
     return np.stack(pixels), kept, failures
 
@@ -114,10 +125,13 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     recorded = hparams.get("data_root")
     if cfg.data_root is None and recorded is not None and not looks_like_a_dataset(recorded):
         log.warning(
-            "ignoring the data root %r recorded in %s: it holds no NORMAL or PNEUMONIA folder near "
-            "its top; using %s (pass data_root=<folder> to choose)",
+            "ignoring the data root %r recorded in %s: %s; using %s (pass data_root=<folder> to "
+            "choose)",
             recorded,
             ckpt_path,
+            "it holds no NORMAL or PNEUMONIA folder near its top"
+            if Path(recorded).is_dir()
+            else "it does not exist here",
             cfg.fallback_data_root,
         )
         recorded = None
@@ -126,7 +140,7 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     items = collect_images(cfg.images, ckpt_path, data_root, refused)
     # Classes interleaved, so a capped set, the summary sheet and the trust checks see both.
     items = _interleave_classes(items)[: cfg.max_images or None]
-    pixels, items, failures = load_pixels(items, trained_size)
+    pixels, items, failures = load_pixels(items, trained_size, data_root)
     images = torch.from_numpy(pixels).unsqueeze(1).float().div(255.0)
     labels = [item.label for item in items]
     model = ClassScores(module).to(device)
