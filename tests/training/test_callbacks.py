@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from pneumonia.errors import TrainingDivergedError
@@ -65,6 +66,9 @@ def _loader(n: int = 8) -> DataLoader:
 
 
 def _fit(module, callbacks, epochs, **trainer_settings):
+    # Without a checkpoint callback of the test's, Lightning would add one saving into the cwd.
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer_settings.setdefault("enable_checkpointing", checkpointing)
     trainer = L.Trainer(
         max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, **trainer_settings,
@@ -418,6 +422,7 @@ def test_best_epoch_metrics_are_logged_as_val_best_once_fitting_ends():
     trainer = L.Trainer(
         max_epochs=2, callbacks=[record], logger=Logger(), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1000,
+        enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(_Scripted([0.6, 0.8]), _loader(), _loader(2))
     best = [(m, s) for m, s in logged if any(k.startswith("val_best/") for k in m)]
