@@ -326,6 +326,17 @@ def label_of(rel_parts: tuple[str, ...]) -> int | None:
     return None
 
 
+def image_paths_below(root: Path, skipped: dict[str, str]) -> list[Path]:
+    """Every JPEG and PNG file below ``root``, at any depth, sorted by path (:func:`walk_folders`,
+    :func:`image_files`); what cannot be listed or read as an image is added to ``skipped``."""
+    found = [
+        file
+        for dirpath, filenames in walk_folders(root, skipped)
+        for file in image_files(dirpath, filenames, skipped)
+    ]
+    return sorted(found, key=str)
+
+
 def folder_label(path: Path, root: Path | None = None) -> int | None:
     """The class (index into ``CLASS_NAMES``) a NORMAL or PNEUMONIA folder names for the image
     ``path``, else None.

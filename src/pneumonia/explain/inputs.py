@@ -8,13 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.discovery import (
-    IMAGE_SUFFIXES,
-    folder_label,
-    image_files,
-    label_of,
-    walk_folders,
-)
+from pneumonia.data.discovery import IMAGE_SUFFIXES, folder_label, image_paths_below, label_of
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +112,13 @@ def collect_images(
         skipped: dict[str, str] = {}
         found = [
             ImageToExplain(file, folder_label(file, path))
-            for dirpath, filenames in walk_folders(path, skipped)
-            for file in image_files(dirpath, filenames, skipped)
+            for file in image_paths_below(path, skipped)
         ]
         for entry, why in skipped.items():
             log.error("skipping %s: %s", entry, why)
         refused.update(skipped)
         if found:
-            return sorted(found, key=lambda item: str(item.path))
+            return found
         raise FileNotFoundError(f"no .jpeg, .jpg or .png images under {path}")
     raise FileNotFoundError(
         f"images={images}: no such file or folder; pass an image, a folder of images, a run folder "

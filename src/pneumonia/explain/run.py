@@ -147,10 +147,9 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     settings = AttributionSettings.from_explain_config(cfg)
     batch_size = settings.batch_size or len(images)
 
-    scores, probabilities = [], []
+    probabilities = []
     for batch in images.split(batch_size):
         batch_scores = class_scores(model, batch.to(device))
-        scores.append(batch_scores.cpu())
         # The module's calibrated P(PNEUMONIA), as its predictions report it.
         probabilities.append(pneumonia_probabilities(model, batch_scores).cpu())
     probabilities = torch.cat(probabilities)

@@ -45,18 +45,17 @@ def check_method(method: Any, key: str = "method", methods: tuple[str, ...] = ME
 
 def check_target(target: Any, key: str = "target") -> None:
     """Raises ConfigError unless ``target`` is one of ``TARGETS`` (any case) or a class index 0/1."""
-    targets = TARGETS
     if isinstance(target, bool):
         valid = False
     elif isinstance(target, int):
         valid = target in (0, 1)
     elif isinstance(target, str):
-        valid = target.lower() in {t.lower() for t in targets} or target in {"0", "1"}
+        valid = target.lower() in {t.lower() for t in TARGETS} or target in {"0", "1"}
     else:
         valid = False
     if not valid:
         raise ConfigError(
-            f"{key}={target!r} must be one of {list(targets)} or a class index 0 or 1"
+            f"{key}={target!r} must be one of {list(TARGETS)} or a class index 0 or 1"
         )
 
 

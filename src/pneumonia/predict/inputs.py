@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumonia import CLASS_NAMES
-from pneumonia.data.discovery import folder_label, has_utf8_name, image_files, walk_folders
+from pneumonia.data.discovery import folder_label, has_utf8_name, image_paths_below
 
 #: A file with this suffix is a list of image paths, one a line, not an image.
 LIST_SUFFIX = ".txt"
@@ -78,12 +78,7 @@ def collect_inputs(images: str | os.PathLike[str]) -> Inputs:
 def _walk(root: Path) -> Inputs:
     found: list[InputImage] = []
     skipped: dict[str, str] = {}
-    for dirpath, filenames in walk_folders(root, skipped):
-        found.extend(
-            InputImage(file, path_label(file, root))
-            for file in image_files(dirpath, filenames, skipped)
-        )
-    found.sort(key=lambda item: str(item.path))
+    found = [InputImage(file, path_label(file, root)) for file in image_paths_below(root, skipped)]
     if not found:
         note = f" ({len(skipped)} entries skipped: {skipped})" if skipped else ""
         raise FileNotFoundError(

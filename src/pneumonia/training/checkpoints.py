@@ -16,9 +16,14 @@ if TYPE_CHECKING:
     from pneumonia.model.classifier import XrayClassifier
 
 __all__ = [
+    "CHECKPOINT_DIR",
     "LAST",
     "CheckpointError",
     "best_checkpoint",
+    "is_inside",
+    "last_checkpoint",
+    "load_classifier",
+    "read_checkpoint",
     "read_hyperparameters",
     "recorded_score",
     "resolve_checkpoint",

@@ -604,7 +604,7 @@ def _refuse_unvalidated(
         raise NeverValidatedError(
             f"the fit ended after {trainer.global_step} training step(s) without a validation, "
             f"{NEVER_VALIDATED}. No test metrics are reported; the trained weights are in "
-            f"{output_dir / 'checkpoints'}"
+            f"{output_dir / CHECKPOINT_DIR}"
         )
 
 
