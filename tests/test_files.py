@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from unittest import mock
+
 import pytest
 
+from pneumonia import files
 from pneumonia.files import write_atomic, written_aside
 
 
@@ -37,3 +43,60 @@ def test_a_name_as_long_as_a_file_name_may_be_is_written_too(tmp_path):
     path = tmp_path / ("p" * 251 + ".csv")  # 255 bytes: the longest name a file may have
     write_atomic(path, "ok")
     assert path.read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _leftover(folder, target: str, pid: int):
+    """What written_aside leaves when the process ``pid`` is killed outright while writing."""
+    with mock.patch("os.getpid", return_value=pid):
+        side = folder / files._side_name(target)
+    side.write_text("half")
+    return side
+
+
+def test_side_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    nested = tmp_path / "explanations"
+    nested.mkdir()
+    stale = [
+        _leftover(tmp_path, "run_status.json", dead),
+        _leftover(nested, "val_epoch003.png", dead),
+        _leftover(tmp_path, "q" * 251 + ".csv", dead),  # named by a digest
+    ]
+    kept = [
+        _leftover(tmp_path, "metrics.csv", live),  # a writer that is still running
+        _leftover(tmp_path, "split.csv", os.getpid()),
+        tmp_path / f".notes.{dead}.txt",  # not a side file
+        tmp_path / ".draft.partial",  # no process id
+        tmp_path / "report.json",
+    ]
+    for path in kept[2:]:
+        path.write_text("a user's")
+    (tmp_path / f".folder.{dead}.partial").mkdir()  # not a file: left alone
+    assert sorted(files.remove_stale_side_files(tmp_path)) == sorted(stale)
+    assert all(path.exists() for path in kept) and not any(p.exists() for p in stale)
+
+
+def test_only_the_named_targets_side_files_are_removed_when_one_is_named(tmp_path):
+    dead = _dead_pid()
+    mine = _leftover(tmp_path, "predictions.csv", dead)
+    other = _leftover(tmp_path, "predictions.csv.bak", dead)
+    nested = tmp_path / "sub"
+    nested.mkdir()
+    below = _leftover(nested, "predictions.csv", dead)
+    assert files.remove_stale_side_files(tmp_path, target="predictions.csv") == [mine]
+    assert other.exists() and below.exists()
+    assert files.remove_stale_side_files(tmp_path / "missing", target="x.csv") == []
+
+
+def test_a_run_clears_what_writers_killed_in_its_folder_left_when_it_takes_the_folder(tmp_path):
+    from pneumonia.training.status import hold_run_folder
+
+    stale = _leftover(tmp_path, "test_metrics.json", _dead_pid())
+    with hold_run_folder(tmp_path):
+        assert not stale.exists()

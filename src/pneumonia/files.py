@@ -4,12 +4,17 @@ content or the new, never half a file, even when the writer is killed mid-write.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
+_SIDE_FILE = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)\.partial")
 
 
 @contextmanager
@@ -19,7 +24,8 @@ def written_aside(path: str | Path) -> Iterator[Path]:
 
     The side file's name holds the process id, so processes writing the same file at once (DDP
     ranks, sweep jobs) never share one: the last rename wins, and each rename is whole. A process
-    killed outright (SIGKILL) leaves its hidden side file behind, never a half-written ``path``.
+    killed outright (SIGKILL) leaves its hidden side file behind, never a half-written ``path``;
+    :func:`remove_stale_side_files` clears such leftovers.
     """
     path = Path(path)
     partial = path.with_name(_side_name(path.name))
@@ -44,3 +50,59 @@ def write_atomic(path: str | Path, text: str) -> Path:
     with written_aside(path) as partial:
         partial.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def remove_stale_side_files(folder: str | Path, target: str | None = None) -> list[Path]:
+    """Remove the side files of :func:`written_aside` that processes killed outright left in
+    ``folder`` and below it (only those of the file named ``target`` in ``folder``, if given).
+
+    A side file is stale when no process has the id its name holds: a live writer's, on this
+    machine, is never touched. Call it where no other machine writes into ``folder`` (a process
+    id means nothing there), as a run does in the folder it holds the lock of.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if target is not None:
+        wanted = {_side_name(target).rsplit(".", 2)[0]}  # the name without ".<pid>.partial"
+        candidates = (folder / name for name in _names(folder) if name.rsplit(".", 2)[0] in wanted)
+    else:
+        candidates = (
+            Path(parent) / name
+            for parent, _, names in os.walk(folder)  # links to folders are not followed
+            for name in names
+        )
+    removed = []
+    for path in candidates:
+        match = _SIDE_FILE.fullmatch(path.name)
+        if match is None or _process_exists(int(match["pid"])) or not path.is_file():
+            continue
+        try:
+            path.unlink()
+        except OSError as problem:  # a leftover is not worth stopping for
+            log.warning("could not remove %s, a file a killed process left: %s", path, problem)
+            continue
+        removed.append(path)
+    if removed:
+        log.info("removed %d unfinished file(s) of killed processes in %s", len(removed), folder)
+    return removed
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True  # 0 would signal our own process group; our own pid may be writing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

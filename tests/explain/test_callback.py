@@ -15,6 +15,7 @@ from pneumonia.explain.callback import AttributionMapsCallback
 from pneumonia.explain.methods import ClassScores
 from pneumonia.explain.rendering.raster import CAPTION_HEIGHT, TITLE_HEIGHT
 from pneumonia.model.classifier import XrayClassifier
+from pneumonia.training.callbacks import RunCheckpoint
 
 pytestmark = pytest.mark.integration
 NET = {
@@ -70,6 +71,73 @@ def test_maps_of_the_same_images_every_epoch(small_root, cache_dir, tmp_path):
     xray_row = slice(TITLE_HEIGHT + CAPTION_HEIGHT, TITLE_HEIGHT + CAPTION_HEIGHT + 128)
     np.testing.assert_array_equal(first[xray_row], second[xray_row])
     assert not np.array_equal(first, second)  # while the maps change as the model trains
+
+
+def test_grids_and_confusion_matrices_share_their_validation_metrics_step(
+    small_root, cache_dir, tmp_path
+):
+    # At global_step they lay one step past their epoch's checkpoint, and the purge of a resume
+    # from it dropped them from TensorBoard.
+    datamodule, module, _, trainer = _setup(small_root, cache_dir, tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    metric_steps = [e.step for e in events.Scalars("val/balanced_accuracy")]
+    assert metric_steps == [1, 3]  # two training batches an epoch
+    for tag in ("explanations/guided_gradcam/val", "val/confusion_matrix"):
+        assert [e.step for e in events.Images(tag)] == metric_steps, tag
+
+
+def _resumable(small_root, cache_dir, tmp_path, epochs):
+    datamodule, module, callback, _ = _setup(small_root, cache_dir, tmp_path)
+    checkpoints = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = L.Trainer(
+        max_epochs=epochs, limit_train_batches=2, logger=False, callbacks=[callback, checkpoints],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    return datamodule, module, callback, trainer
+
+
+def test_a_resume_redraws_the_grid_a_kill_lost_from_the_checkpoints_weights(
+    small_root, cache_dir, tmp_path
+):
+    datamodule, module, _, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=1)
+    trainer.fit(module, datamodule=datamodule)
+    grid = tmp_path / "maps" / "val_epoch000.png"
+    drawn = grid.read_bytes()
+    grid.unlink()  # as a kill while the background thread wrote it, after the checkpoint
+
+    datamodule, module, callback, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=2)
+    was_training = []
+    module.on_train_batch_start = lambda *args: was_training.append(module.net.training)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert grid.read_bytes() == drawn  # the same weights, threshold and images: the same grid
+    assert (tmp_path / "maps" / "val_epoch001.png").is_file() and len(callback.seconds) == 2
+    assert was_training and all(was_training)  # training goes on in training mode
+
+    # A grid that is there is not drawn again.
+    datamodule, module, callback, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=3)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert len(callback.seconds) == 1
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {},
+        {"last_fit_grid": None},
+        {"last_fit_grid": "epoch 3"},
+        {"last_fit_grid": {"epoch": 1, "step": 3}},
+        {"last_fit_grid": {"epoch": True, "step": 3, "global_step": 4}},
+        {"last_fit_grid": {"epoch": -1, "step": 3, "global_step": 4}},
+        {"last_fit_grid": {"epoch": "../../x", "step": 3, "global_step": 4}},
+    ],
+)
+def test_a_recorded_grid_that_is_not_three_counts_is_ignored(state):
+    callback = AttributionMapsCallback()
+    callback.load_state_dict(state)
+    assert callback._resumed_grid is None
+    callback.load_state_dict({"last_fit_grid": {"epoch": 1, "step": 3, "global_step": 4}})
+    assert callback._resumed_grid == {"epoch": 1, "step": 3, "global_step": 4}
 
 
 def test_every_n_epochs(small_root, cache_dir, tmp_path):

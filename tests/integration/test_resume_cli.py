@@ -179,6 +179,12 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(data_root, ca
     # One point per epoch end, and no placeholder at step 0 (the HPARAMS tab needs none).
     epoch_ends = [e.step for e in events.Scalars("val/balanced_accuracy")]
     assert epoch_ends == [STEPS_PER_EPOCH * (k + 1) - 1 for k in range(EPOCHS)]
+    # Each epoch's figures once, the checkpoint's epoch included (the resume purged it).
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    for tag in ("val/confusion_matrix", "explanations/guided_gradcam/val"):
+        assert [e.step for e in events.Images(tag)] == epoch_ends, tag
+    grids = sorted(p.name for p in (run_dir / "explanations").glob("val_epoch*.png"))
+    assert grids == [f"val_epoch{k:03d}.png" for k in range(EPOCHS)]
 
     original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     assert "ckpt_path=last" not in original and f"run_dir={run_dir}" in original

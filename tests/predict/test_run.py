@@ -6,6 +6,8 @@ import csv
 import logging
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -258,6 +260,25 @@ def test_one_file_a_list_and_a_custom_output(predict, ckpt, folder, tmp_path):
     assert not (run / "predictions.csv").exists()
     predict(f"ckpt_path={ckpt}", f"images={one}", f"output={output}")  # its own CSV: replaced
     assert len(read_csv(output)[1]) == 1
+
+
+def test_what_a_killed_predict_left_beside_its_output_is_cleared(predict, ckpt, folder, tmp_path):
+    # SIGKILL while writing leaves written_aside's hidden side files; nothing else removes them.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    output = tmp_path / "out" / "mine.csv"
+    output.parent.mkdir()
+    leftovers = [
+        output.parent / f".{name}.{dead.pid}.partial"
+        for name in ("mine.csv", "mine_unreadable.csv")
+    ]
+    unrelated = output.parent / f".other.csv.{dead.pid}.partial"
+    for path in (*leftovers, unrelated):
+        path.write_text("half")
+    predict(f"ckpt_path={ckpt}", f"images={folder}", f"output={output}")
+    assert sorted(p.name for p in output.parent.iterdir()) == sorted(
+        ["mine.csv", "mine_unreadable.csv", unrelated.name]
+    )
 
 
 def test_an_output_that_is_some_other_file_is_left_alone(predict, ckpt, folder, tmp_path):

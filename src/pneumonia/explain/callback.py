@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -26,6 +29,7 @@ from pneumonia.explain.rendering.figures import describe
 from pneumonia.explain.rendering.raster import attribution_grid_image
 from pneumonia.explain.settings import LAYER_METHODS, AttributionSettings
 from pneumonia.files import write_atomic, written_aside
+from pneumonia.metrics.evaluation import epoch_metrics_step
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ class AttributionMapsCallback(Callback):
     ``trainer.validate`` and ``trainer.test``; under DDP rank zero alone computes and writes.
     The training loop only computes the attribution (on a GPU it only queues it); a background
     thread copies the maps to the host, draws and writes the grid, and is finished before the next
-    grid and before fit/validate/test returns.
+    grid and before fit/validate/test returns. A run killed while that thread wrote the grid of the
+    epoch its last checkpoint holds gets the grid redrawn from the checkpoint's weights when it
+    resumes (the callback's state in the checkpoint records which grid that is).
 
     Args:
         dirpath: folder for the PNGs (``None``: only TensorBoard).
@@ -90,6 +96,9 @@ class AttributionMapsCallback(Callback):
         self.labels: list[int] = []
         self.seconds: list[float] = []  # paid by the training loop, per grid
         self.background_seconds: list[float] = []  # drawing and writing, off the loop
+        # The last grid drawn in a fit: {"epoch", "step" (its TensorBoard step), "global_step"}.
+        self._last_fit_grid: dict[str, int] | None = None
+        self._resumed_grid: dict[str, int] | None = None  # the same, from a resumed checkpoint
 
     # ----- when ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -109,13 +118,55 @@ class AttributionMapsCallback(Callback):
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._draw(trainer, pl_module, "val")
+        if trainer.state.fn == "fit":
+            self._last_fit_grid = {
+                "epoch": trainer.current_epoch,
+                "step": epoch_metrics_step(trainer),
+                "global_step": trainer.global_step,
+            }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Checkpoints are saved after this callback's on_validation_end, while its thread may still
+        # be writing: a kill then loses a grid that no resumed epoch draws again.
+        grid, self._resumed_grid = self._resumed_grid, None
+        if grid is None or self.dirpath is None or grid["global_step"] != trainer.global_step:
+            return  # not resumed, or from a checkpoint saved after other training steps
+        if (self.dirpath / _grid_name("val", grid["epoch"])).exists():
+            return  # written before TensorBoard's copy (see _publish): both are there
+        log.info(
+            "redrawing the attribution maps of epoch %d, lost when the run stopped", grid["epoch"]
+        )
+        with _evaluation_mode(pl_module):  # as after a validation: no dropout, BatchNorm frozen
+            self._draw(trainer, pl_module, "val", epoch=grid["epoch"], step=grid["step"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_fit_grid": self._last_fit_grid}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        grid = state_dict.get("last_fit_grid") if isinstance(state_dict, dict) else None
+        keys = ("epoch", "step", "global_step")
+        if isinstance(grid, dict) and all(_count(grid.get(key)) for key in keys):
+            self._resumed_grid = {key: int(grid[key]) for key in keys}
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._draw(trainer, pl_module, "test")
 
-    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _draw(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        stage: str,
+        epoch: int | None = None,
+        step: int | None = None,
+    ) -> None:
         if trainer.is_global_zero:
-            self._draw_on_rank_zero(trainer, pl_module, stage)
+            self._draw_on_rank_zero(
+                trainer,
+                pl_module,
+                stage,
+                trainer.current_epoch if epoch is None else epoch,
+                epoch_metrics_step(trainer) if step is None else step,
+            )
         # Other ranks wait here rather than run ahead: with ddp_spawn on gloo, a rank that reached
         # the end of fit while rank zero was still attributing aborted at exit ("terminate called
         # without an active exception") in about a third of runs.
@@ -156,7 +207,7 @@ class AttributionMapsCallback(Callback):
         return loader.dataset, stage
 
     def _draw_on_rank_zero(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, epoch: int, step: int
     ) -> None:
         start = time.perf_counter()
         self._wait_for_writes()  # at most one grid in flight
@@ -177,7 +228,6 @@ class AttributionMapsCallback(Callback):
             ]
             maps = torch.cat([m for m, _, _ in explained])
             probabilities = torch.cat([p for _, p, _ in explained])
-        epoch = trainer.current_epoch
         threshold = getattr(pl_module, "decision_threshold", None)
         # Device tensors: the background thread copies them to the host, so on a GPU the training
         # loop only queues the attribution and never waits for it (stream order keeps the maps
@@ -193,7 +243,7 @@ class AttributionMapsCallback(Callback):
             "epoch": epoch,
             # The test runs on the best checkpoint's weights, not on the last epoch's.
             "weights": Path(trainer.ckpt_path).name if trainer.ckpt_path else "the final weights",
-            "step": trainer.global_step,
+            "step": step,  # that of the epoch's metrics, which a resume's purge keeps
             "tensorboards": [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)],
         }
         # Drawing and PNG encoding go to a background thread: the training loop only pays for the
@@ -224,15 +274,18 @@ class AttributionMapsCallback(Callback):
             for y, p in zip(self.labels, job["probabilities"], strict=True)
         ]
         grid = attribution_grid_image(job["images"], job["maps"], captions, title)
+        if self.dirpath is not None:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            # Whole or absent: a kill while the grid is written leaves no empty PNG behind.
+            with written_aside(self.dirpath / _grid_name(job["stage"], job["epoch"])) as partial:
+                Image.fromarray(grid).save(partial, format="PNG")
+        # After the PNG, flushed: a missing PNG then means TensorBoard lacks the grid too, and a
+        # resume redraws both without showing one twice.
         for logger in job["tensorboards"]:
             tag = f"explanations/{self.settings.method}/{job['stage']}"
             logger.experiment.add_image(tag, grid, job["step"], dataformats="HWC")
+            logger.experiment.flush()
         if self.dirpath is not None:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            name = f"val_epoch{job['epoch']:03d}.png" if job["stage"] == "val" else "test.png"
-            # Whole or absent: a kill while the grid is written leaves no empty PNG behind.
-            with written_aside(self.dirpath / name) as partial:
-                Image.fromarray(grid).save(partial, format="PNG")
             self.background_seconds.append(time.perf_counter() - start)
             # Lets benchmarks set the callback's cost against an epoch's.
             timings = {"seconds": self.seconds, "background_seconds": self.background_seconds}
@@ -272,3 +325,23 @@ class AttributionMapsCallback(Callback):
         if self._attribute is None:
             self._attribute = self.settings.attribution_fn()
         return self._attribute
+
+
+def _grid_name(stage: str, epoch: int) -> str:
+    return f"val_epoch{epoch:03d}.png" if stage == "val" else "test.png"
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@contextmanager
+def _evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block; each one's own mode is put back after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training

@@ -169,6 +169,17 @@ def log_external_results(
         logger.save()
 
 
+def epoch_metrics_step(trainer: Any) -> int:
+    """The step Lightning logs this stage's epoch metrics at: within a fit, validation's is the
+    last training batch's (one below ``global_step``), and a test's is ``global_step``.
+
+    A figure of an epoch belongs at its metrics' step. At ``global_step`` a validation figure would
+    lie one step past its checkpoint, and a resume from that checkpoint purges the step
+    (:mod:`pneumonia.training.loggers`): TensorBoard lost the epoch's confusion matrix and maps.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def log_figure(loggers: Iterable[Logger], tag: str, figure: Any, step: int) -> None:
     """Add a matplotlib figure to every TensorBoard logger."""
     for logger in loggers:

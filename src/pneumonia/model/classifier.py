@@ -48,7 +48,7 @@ from pneumonia.metrics.calibration import (
     fit_temperature,
 )
 from pneumonia.metrics.diagnostic import DiagnosticMetrics
-from pneumonia.metrics.evaluation import log_figure
+from pneumonia.metrics.evaluation import epoch_metrics_step, log_figure
 from pneumonia.metrics.operating_point import choose_threshold  # importing registers the rules
 from pneumonia.model import registry
 from pneumonia.training import schedulers as _schedulers  # also registers the schedulers
@@ -689,8 +689,7 @@ class XrayClassifier(L.LightningModule):
         """Draw a figure (only if a TensorBoard logger will take it) on rank zero and log it."""
         tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
         if tensorboards and self.trainer.is_global_zero:
-            # Global steps, like every other event, so a resumed run's purge_step covers figures.
-            log_figure(tensorboards, tag, make_figure(), self.global_step)
+            log_figure(tensorboards, tag, make_figure(), epoch_metrics_step(self.trainer))
 
     # ----- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):

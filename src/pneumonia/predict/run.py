@@ -37,7 +37,7 @@ from pneumonia.config import check_ckpt_path, check_threshold_override
 from pneumonia.data.image_io import decode_or_reason
 from pneumonia.devices import resolve_device
 from pneumonia.errors import ConfigError, NonFiniteOutputError
-from pneumonia.files import written_aside
+from pneumonia.files import remove_stale_side_files, written_aside
 from pneumonia.model.classifier import XrayClassifier
 from pneumonia.predict.inputs import WHAT_TO_PASS, InputImage, collect_inputs
 from pneumonia.training.checkpoints import load_classifier, resolve_checkpoint
@@ -248,6 +248,8 @@ def predict_images(cfg: DictConfig) -> PredictionReport:
     unreadable = dict(inputs.skipped)
     predictions: list[Prediction] = []
     output.parent.mkdir(parents=True, exist_ok=True)
+    for path in (output, unreadable_output):  # what an earlier predict killed outright left
+        remove_stale_side_files(path.parent, target=path.name)
     # Written row by row to a side file, renamed when complete: an interrupted run leaves no
     # complete-looking CSV behind.
     with written_aside(output) as partial, partial.open("w", newline="", encoding="utf-8") as file:
@@ -269,7 +271,10 @@ def predict_images(cfg: DictConfig) -> PredictionReport:
                 format_threshold(threshold),
             ]
             writer.writerow([*row, item.label or ""] if with_labels else row)
-    with unreadable_output.open("w", newline="", encoding="utf-8") as file:
+    with (
+        written_aside(unreadable_output) as partial,
+        partial.open("w", newline="", encoding="utf-8") as file,
+    ):
         writer = csv.writer(file)
         writer.writerow(UNREADABLE_COLUMNS)
         writer.writerows(unreadable.items())

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import RunFolderBusyError
-from pneumonia.files import write_atomic
+from pneumonia.files import remove_stale_side_files, write_atomic
 from pneumonia.locks import close_lock_file, exclusive_lock, open_lock_file, try_lock
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def _plain(value: Any) -> Any:
 
 @contextmanager
 def hold_run_folder(folder: Path) -> Iterator[None]:
-    """Hold ``folder``'s lock while a run works in it (see :mod:`pneumonia.locks`).
+    """Hold ``folder``'s lock while a run works in it (see :mod:`pneumonia.locks`), and clear the
+    unfinished files that processes killed in it left (``files.remove_stale_side_files``).
 
     Raises:
         RunFolderBusyError: another live process holds it; the message names its process id.
@@ -186,6 +187,8 @@ def hold_run_folder(folder: Path) -> Iterator[None]:
         if held.descriptor is not None:
             os.ftruncate(held.descriptor, 0)
             os.pwrite(held.descriptor, f"{os.getpid()}\n".encode(), 0)
+        # No other run writes here now: hidden side files are what killed writers left.
+        remove_stale_side_files(folder)
         yield
 
 
