@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from unittest import mock
@@ -100,3 +101,11 @@ def test_a_run_clears_what_writers_killed_in_its_folder_left_when_it_takes_the_f
     stale = _leftover(tmp_path, "test_metrics.json", _dead_pid())
     with hold_run_folder(tmp_path):
         assert not stale.exists()
+
+
+def test_a_rewritten_file_keeps_the_permissions_its_owner_gave_it(tmp_path):
+    path = tmp_path / "predictions.csv"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_atomic(path, "new")
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -3,10 +3,12 @@ content or the new, never half a file, even when the writer is killed mid-write.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,8 @@ def written_aside(path: str | Path) -> Iterator[Path]:
     partial = path.with_name(_side_name(path.name))
     try:
         yield partial
+        with contextlib.suppress(OSError):  # a new file keeps the umask's permissions
+            shutil.copymode(path, partial)  # a user's chmod of the old file survives the rewrite
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pneumonia import CLASS_NAMES
 from tests.integration.conftest import explain
 
 pytestmark = pytest.mark.integration
@@ -57,10 +58,15 @@ def test_trust_report_is_printed_and_saved(explained):
         ]
         assert len(steps) == 5
     assert set(report["deletion_auc"]) == {"random_order", *report["ms_per_image"]}
-    assert sorted((row["class"], row["sign"]) for row in report["regions"]["rows"]) == [
-        ("NORMAL", "negative"), ("NORMAL", "positive"),
-        ("PNEUMONIA", "negative"), ("PNEUMONIA", "positive"),
-    ]  # fmt: skip
+    # Per true class and the class its map explains (target=predicted: the decided class).
+    stored = np.load(out / "attributions.npz")
+    labelled = zip(stored["labels"], stored["targets"], strict=True)
+    pairs = {(CLASS_NAMES[y], CLASS_NAMES[t]) for y, t in labelled}
+    rows = report["regions"]["rows"]
+    assert sorted((row["class"], row["explained"], row["sign"]) for row in rows) == sorted(
+        (*pair, sign) for pair in pairs for sign in ("positive", "negative")
+    )
+    assert {row["class"] for row in rows} == {"NORMAL", "PNEUMONIA"}
     assert report["refused"] == {} and report["unreadable"] == {}
     for text in ("sanity check", "deletion AUC", "central"):
         assert text in result.stdout

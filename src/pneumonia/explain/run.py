@@ -285,7 +285,9 @@ def _trust(
         known = [i for i, y in enumerate(labels) if y is not None]
         if known:
             shares = region_shares(maps[settings.method][known])
-            rows = summarize_by_class(shares, torch.tensor([labels[i] for i in known]))
+            rows = summarize_by_class(
+                shares, torch.tensor([labels[i] for i in known]), targets[known]
+            )
             side = images.shape[-1]
             result["regions"] = {
                 "method": settings.method,
@@ -321,7 +323,8 @@ def _print_report(report: dict[str, Any]) -> None:
         lines += [f"  {name:<16}{value:.3f}" for name, value in report["deletion_auc"].items()]
     if "regions" in report:
         lines.append(
-            f"\nwhere the attribution mass lies ({report['regions']['method']}), mean per true class"
+            f"\nwhere the attribution mass lies ({report['regions']['method']}), mean per true "
+            "class and class explained"
         )
         lines.append(format_region_table(report["regions"]["rows"], report["regions"]["area"]))
     print("\n".join(lines))

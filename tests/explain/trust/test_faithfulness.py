@@ -96,6 +96,27 @@ def test_targets_select_the_class_probability(setup) -> None:
     assert (probabilities[targets == 1, -1] < 0.01).all()
 
 
+def test_the_probability_tracked_is_the_classifiers_calibrated_one(setup) -> None:
+    # explain.py shows the temperature-scaled probability; the deletion curve must track the same
+    # number, or a "probability" of 0.99 in trust.json is 0.73 in the figures.
+    from pneumonia.explain.methods.common import ClassScores
+
+    linear, images, _ = setup
+
+    class Calibrated(nn.Module):
+        def forward(self, x):
+            return linear(x)[:, 1]
+
+        def probabilities_from_logits(self, logits):
+            return torch.sigmoid(logits / 4.0)  # temperature 4
+
+    targets = torch.tensor([0, 1, 0, 1])
+    _, probabilities = deletion_curve(ClassScores(Calibrated()), images, targets, images, steps=4)
+    pneumonia = torch.sigmoid(linear(images)[:, 1] / 4.0)
+    expected = torch.where(targets == 1, pneumonia, 1 - pneumonia)
+    torch.testing.assert_close(probabilities[:, 0], expected)
+
+
 def test_mean_baseline_fills_with_each_images_own_mean(setup) -> None:
     model, images, targets = setup
     images = images * torch.tensor([1.0, 0.5, 0.2, 0.1]).view(4, 1, 1, 1)

@@ -87,9 +87,10 @@ def test_summary_per_class_skips_images_without_mass() -> None:
     maps[1, 0, 0, 0] = 1.0  # PNEUMONIA: border
     # image 2 (PNEUMONIA) has no positive mass and must not drag the mean to NaN.
     maps[2, 0, 16, 16] = -1.0
-    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1, 1]))
+    labels = torch.tensor([0, 1, 1])
+    rows = summarize_by_class(region_shares(maps), labels, explained=labels)
     by_key = {(row["class"], row["sign"]): row for row in rows}
-    assert len(rows) == 4
+    assert len(rows) == 4 and {row["explained"] for row in rows} == {"NORMAL", "PNEUMONIA"}
     assert by_key["NORMAL", "positive"]["central"] == pytest.approx(1.0)
     assert by_key["PNEUMONIA", "positive"]["border"] == pytest.approx(1.0)
     assert by_key["PNEUMONIA", "positive"]["images"] == 1
@@ -98,18 +99,42 @@ def test_summary_per_class_skips_images_without_mass() -> None:
     assert by_key["NORMAL", "negative"]["images"] == 0
 
 
+def test_maps_explaining_different_classes_are_not_averaged_together() -> None:
+    # target=predicted: a NORMAL X-ray called PNEUMONIA is explained for PNEUMONIA; its positive
+    # mass is evidence for the other class than that of the NORMAL X-rays explained for NORMAL.
+    maps = torch.zeros(3, 1, 32, 32)
+    maps[0, 0, 16, 16] = 1.0  # NORMAL explained for NORMAL: centre
+    maps[1, 0, 16, 16] = 1.0  # the same
+    maps[2, 0, 0, 0] = 1.0  # NORMAL explained for PNEUMONIA: border
+    rows = summarize_by_class(
+        region_shares(maps), torch.tensor([0, 0, 0]), explained=torch.tensor([0, 0, 1])
+    )
+    by_key = {(row["class"], row["explained"], row["sign"]): row for row in rows}
+    assert sorted(by_key) == [
+        ("NORMAL", "NORMAL", "negative"),
+        ("NORMAL", "NORMAL", "positive"),
+        ("NORMAL", "PNEUMONIA", "negative"),
+        ("NORMAL", "PNEUMONIA", "positive"),
+    ]  # fmt: skip  (no PNEUMONIA X-rays: no rows for them)
+    assert by_key["NORMAL", "NORMAL", "positive"]["central"] == pytest.approx(1.0)
+    assert by_key["NORMAL", "NORMAL", "positive"]["images"] == 2
+    assert by_key["NORMAL", "PNEUMONIA", "positive"]["border"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one explained class per image"):
+        summarize_by_class(region_shares(maps), torch.tensor([0, 0, 0]), torch.tensor([0, 1]))
+
+
 def test_table_lists_classes_regions_and_chance() -> None:
     maps = torch.zeros(2, 1, 32, 32)
     maps[0, 0, 16, 16] = 1.0  # NORMAL: all positive mass central, no negative mass
     maps[1, 0, 12, 6], maps[1, 0, 0, 0] = 1.0, -1.0  # PNEUMONIA: positive lungs, negative border
-    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1]))
+    rows = summarize_by_class(region_shares(maps), torch.tensor([0, 1]), torch.tensor([1, 1]))
     lines = format_region_table(rows, region_area_shares(32, 32)).splitlines()
     assert [line.split() for line in lines] == [
-        ["class", "sign", "central", "lungs", "border", "images"],
-        ["NORMAL", "positive", "100.0%", "0.0%", "0.0%", "1"],
-        ["NORMAL", "negative", "n/a", "n/a", "n/a", "0"],
-        ["PNEUMONIA", "positive", "0.0%", "100.0%", "0.0%", "1"],
-        ["PNEUMONIA", "negative", "0.0%", "0.0%", "100.0%", "1"],
+        ["class", "explained", "sign", "central", "lungs", "border", "images"],
+        ["NORMAL", "PNEUMONIA", "positive", "100.0%", "0.0%", "0.0%", "1"],
+        ["NORMAL", "PNEUMONIA", "negative", "n/a", "n/a", "n/a", "0"],
+        ["PNEUMONIA", "PNEUMONIA", "positive", "0.0%", "100.0%", "0.0%", "1"],
+        ["PNEUMONIA", "PNEUMONIA", "negative", "0.0%", "0.0%", "100.0%", "1"],
         ["area", "(chance)", "23.4%", "40.6%", "35.9%"],
     ]
     # Fixed width: the numeric columns line up.

@@ -7,7 +7,9 @@ under the curve is small. The same curve with a random pixel order is the baseli
 beat: a map that does no better than chance explains nothing about this model.
 
 Shapes follow the package conventions: images ``(B, 1, H, W)`` in [0, 1], a class model returning
-scores ``(B, 2)`` whose sigmoid is the probability of each class, attributions ``(B, 1, H, W)``.
+scores ``(B, 2)``, attributions ``(B, 1, H, W)``. The probability tracked is the one explain.py
+shows: the classifier's calibrated P(PNEUMONIA) (``pneumonia_probabilities``) for PNEUMONIA and one
+minus it for NORMAL; for a model without a calibration, the sigmoid of the class's score.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumonia.explain.methods.common import eval_mode
+from pneumonia.explain.methods.common import eval_mode, pneumonia_probabilities
 
 Baseline = float | str
 """A fill value for removed pixels, or ``"mean"`` for each image's own mean intensity."""
@@ -59,8 +61,8 @@ def _removal_counts(pixels: int, steps: int) -> torch.Tensor:
 def _target_probability(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    scores = model(images)
-    return torch.sigmoid(scores.gather(1, targets[:, None]).squeeze(1).float())
+    pneumonia = pneumonia_probabilities(model, model(images)).float()
+    return torch.where(targets == 1, pneumonia, 1 - pneumonia)
 
 
 def _deletion_probabilities(

@@ -3,7 +3,8 @@
 The study read its saliency maps as "the model decides on the area around the heart; negative
 evidence sits on the rib cage". This module puts numbers on such a reading: the share of positive
 and of negative attribution mass in three coarse regions of a frontal chest X-ray, averaged per
-true class, next to each region's share of the image area (what a map spread evenly would give).
+true class and class explained, next to each region's share of the image area (what a map spread
+evenly would give).
 
 The regions are fixed rectangles in fractions of the frame, an approximation for square-resized
 frontal (PA/AP) radiographs: no segmentation, so a rotated or off-centre patient shifts them.
@@ -100,31 +101,51 @@ def region_shares(attributions: torch.Tensor) -> dict[str, dict[str, torch.Tenso
 def summarize_by_class(
     shares: Mapping[str, Mapping[str, torch.Tensor]],
     labels: torch.Tensor,
+    explained: torch.Tensor,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> list[dict]:
-    """Mean region shares per true class and sign, ignoring images without mass of that sign.
+    """Mean region shares per true class, explained class and sign, ignoring images without mass
+    of that sign.
+
+    A map's positive mass is evidence for the class it explains: with ``target=predicted`` the
+    NORMAL X-rays called PNEUMONIA are explained for PNEUMONIA, and averaging their maps with
+    those explained for NORMAL would mix evidence for and against. So they get rows of their own.
 
     Args:
         shares: the output of :func:`region_shares` for ``B`` images.
         labels: ``(B,)`` true class index of each image, indexing ``class_names``.
+        explained: ``(B,)`` index of the class each image's map explains.
         class_names: name of each class index.
 
     Returns:
-        One row per (class, sign), classes first: ``{"class": str, "sign": str, "images": int,
+        Two rows (positive, negative) per pair of true and explained class that has images, true
+        classes first: ``{"class": str, "explained": str, "sign": str, "images": int,
         "central": float, "lungs": float, "border": float}``, where ``images`` counts the images
-        that had mass of that sign; a class or sign without any gives NaN shares.
+        that had mass of that sign (NaN shares where none had).
     """
     labels = labels.detach().long().cpu()
+    explained = explained.detach().long().cpu()
+    if labels.shape != explained.shape:
+        raise ValueError(
+            f"one explained class per image: labels {tuple(labels.shape)}, "
+            f"explained {tuple(explained.shape)}"
+        )
     rows: list[dict] = []
-    for index, class_name in enumerate(class_names):
-        in_class = labels == index
-        for sign in SIGNS:
-            region_values = {name: shares[sign][name].detach().cpu() for name in REGION_NAMES}
-            located = in_class & ~torch.isnan(region_values["central"])
-            row: dict = {"class": class_name, "sign": sign, "images": int(located.sum())}
-            for name, values in region_values.items():
-                row[name] = float(torch.nanmean(values[in_class])) if in_class.any() else math.nan
-            rows.append(row)
+    for true_index, class_name in enumerate(class_names):
+        for explained_index, explained_name in enumerate(class_names):
+            group = (labels == true_index) & (explained == explained_index)
+            if not group.any():
+                continue
+            for sign in SIGNS:
+                values = {name: shares[sign][name].detach().cpu()[group] for name in REGION_NAMES}
+                row: dict = {
+                    "class": class_name,
+                    "explained": explained_name,
+                    "sign": sign,
+                    "images": int((~torch.isnan(values["central"])).sum()),
+                }
+                row.update({name: float(torch.nanmean(v)) for name, v in values.items()})
+                rows.append(row)
     return rows
 
 
@@ -138,28 +159,33 @@ def format_region_table(rows: Sequence[Mapping], area_shares: Mapping[str, float
     Returns:
         One line per row, a header first, e.g.::
 
-            class      sign       central   lungs  border  images
-            NORMAL     positive     41.2%   30.1%   28.7%      12
+            class      explained  sign       central   lungs  border  images
+            NORMAL     NORMAL     positive     41.2%   30.1%   28.7%      12
             ...
-            area       (chance)     21.9%   35.2%   42.9%
+            area                  (chance)     21.9%   35.2%   42.9%
     """
-    class_width = max([len("class"), len("area"), *(len(str(row["class"])) for row in rows)])
+    names = [str(row[key]) for row in rows for key in ("class", "explained")]
+    name_width = max([len("explained"), *(len(name) for name in names)])
     sign_width = max(len("positive"), len("negative"), len("(chance)"))
     column = 8
-    header = (
-        f"{'class':<{class_width}}  {'sign':<{sign_width}}"
-        + "".join(f"{name:>{column}}" for name in REGION_NAMES)
-        + f"{'images':>{column}}"
-    )
-    lines = [header]
+
+    def line(true: str, explained: str, sign: str, cells: str) -> str:
+        return f"{true:<{name_width}}  {explained:<{name_width}}  {sign:<{sign_width}}" + cells
+
+    lines = [
+        line(
+            "class",
+            "explained",
+            "sign",
+            "".join(f"{name:>{column}}" for name in REGION_NAMES) + f"{'images':>{column}}",
+        )
+    ]
     for row in rows:
+        cells = "".join(_percent(float(row[name]), column) for name in REGION_NAMES)
         lines.append(
-            f"{row['class']!s:<{class_width}}  {row['sign']:<{sign_width}}"
-            + "".join(_percent(float(row[name]), column) for name in REGION_NAMES)
+            line(str(row["class"]), str(row["explained"]), row["sign"], cells)
             + f"{row.get('images', ''):>{column}}"
         )
-    lines.append(
-        f"{'area':<{class_width}}  {'(chance)':<{sign_width}}"
-        + "".join(_percent(float(area_shares[name]), column) for name in REGION_NAMES)
-    )
+    chance = "".join(_percent(float(area_shares[name]), column) for name in REGION_NAMES)
+    lines.append(line("area", "", "(chance)", chance))
     return "\n".join(lines)
