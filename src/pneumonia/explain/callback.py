@@ -131,7 +131,11 @@ class AttributionMapsCallback(Callback):
         grid, self._resumed_grid = self._resumed_grid, None
         if grid is None or self.dirpath is None or grid["global_step"] != trainer.global_step:
             return  # not resumed, or from a checkpoint saved after other training steps
-        if (self.dirpath / _grid_name("val", grid["epoch"])).exists():
+        # Rank zero's answer for every rank: all of them must reach _draw's barrier, or none.
+        drawn = trainer.strategy.broadcast(
+            (self.dirpath / _grid_name("val", grid["epoch"])).exists()
+        )
+        if drawn:
             return  # written before TensorBoard's copy (see _publish): both are there
         log.info(
             "redrawing the attribution maps of epoch %d, lost when the run stopped", grid["epoch"]
