@@ -29,7 +29,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed ## the virtual environment (.venv) with the package and its test tools
 
-data/chest_xray:
+# Links data/chest_xray to PNEUMONIA_DATA, or says where to get the X-rays.
+define link_data
 	@if [ -d "$(PNEUMONIA_DATA)" ]; then \
 		mkdir -p data && ln -sfn "$$(cd "$(PNEUMONIA_DATA)" && pwd)" data/chest_xray && \
 		echo "linked data/chest_xray -> $$(readlink data/chest_xray)"; \
@@ -40,14 +41,20 @@ data/chest_xray:
 		echo "or point a run at it directly: python train.py data.root=/path/to/chest_xray"; \
 		exit 1; \
 	fi
+endef
 
-data: data/chest_xray ## link data/chest_xray to PNEUMONIA_DATA (../shared/data/chest_xray)
+# The other targets link the data once, and keep a link made by `make data`.
+data/chest_xray:
+	$(link_data)
 
-train: install data ## train the study's model (ARGS: overrides, e.g. experiment=robust_cnn)
+data: ## (re)link data/chest_xray to PNEUMONIA_DATA (../shared/data/chest_xray)
+	$(link_data)
+
+train: install data/chest_xray ## train the study's model (ARGS: overrides, e.g. experiment=robust_cnn)
 	$(BIN)/python train.py $(ARGS)
 
 # make sweep ARGS="hparams_search=study_grid hydra/launcher=joblib"
-sweep: install data ## a multirun sweep (ARGS: hparams_search=study_grid, -m key=a,b, ...)
+sweep: install data/chest_xray ## a multirun sweep (ARGS: hparams_search=study_grid, -m key=a,b, ...)
 	$(BIN)/python train.py -m $(ARGS)
 
 DIR ?=
@@ -60,7 +67,7 @@ predict: install ## P(PNEUMONIA) of images (ARGS="ckpt_path=<run> images=<folder
 	$(BIN)/python predict.py $(ARGS)
 
 # make shift ARGS="ckpt_path=outputs/runs/<run>": the shift suite on a checkpoint's test split
-shift: install data ## the shift suite on a checkpoint (ARGS="ckpt_path=<run>")
+shift: install data/chest_xray ## the shift suite on a checkpoint (ARGS="ckpt_path=<run>")
 	$(BIN)/python train.py --config-name shift $(ARGS)
 
 lint: install ## ruff check and format check
@@ -71,10 +78,10 @@ format: install ## ruff fix and format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint data ## lint, then the whole test suite on the real data
+test: lint data/chest_xray ## lint, then the whole test suite on the real data
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
-bench: install data ## the speed benchmarks
+bench: install data/chest_xray ## the speed benchmarks
 	$(BIN)/python benchmarks/study_benchmark.py $(ARGS)
 
 clean: ## remove outputs, the image cache and tool caches

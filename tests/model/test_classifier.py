@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -158,6 +159,12 @@ def test_predictions_accept_one_image_or_a_batch_as_uint8_or_float():
     torch.testing.assert_close(model.predict_proba(batch.float() / 255), expected)
     torch.testing.assert_close(model.predict_proba(batch[0]), expected[:1])  # (1, H, W)
     torch.testing.assert_close(model.predict_proba(batch[0, 0].numpy()), expected[:1])  # (H, W)
+    # load_grayscale's arrays are read-only: accepted without torch's non-writable warning.
+    read_only = batch[0, 0].numpy().copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(model.predict_proba(read_only), expected[:1])
 
 
 @pytest.mark.parametrize(

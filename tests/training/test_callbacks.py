@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -379,6 +380,31 @@ def test_a_forged_ranking_is_reset_not_believed(tmp_path, changes):
     # The ranking restarted: epoch 1's own score (0.4) is the best this resumed run has seen.
     assert callback.best_model_path == str(run_folder / "best-epoch=1.ckpt")
     assert float(callback.best_model_score) == pytest.approx(0.4)
+
+
+def _unmonitored(folder) -> RunCheckpoint:
+    # As the robust presets: no monitor, the final weights kept and tested.
+    return RunCheckpoint(dirpath=folder, filename="final-{epoch}", monitor=None, save_last=True)
+
+
+def test_a_run_without_a_monitor_resumes_its_latest_save_without_a_warning(tmp_path, caplog):
+    # Lightning records its latest save as the best, unranked: it was taken for a forgery, and
+    # every test of such a run warned twice (the second time that an existing file was missing).
+    _fit(_Scripted([0.5, 0.4, 0.3]), [_unmonitored(tmp_path)], epochs=2)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    (key,) = [k for k in state if k.startswith("RunCheckpoint")]
+    callback = _unmonitored(tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pneumonia"):
+        callback.load_state_dict(state[key])
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pneumonia")] == []
+    assert callback.best_model_path == str(tmp_path / "final-epoch=1.ckpt")
+    # Into a callback that ranks, the same unranked record is not believed.
+    ranking = _checkpoint(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pneumonia"):
+        ranking.load_state_dict(state[key])
+    assert "inconsistent; reset" in caplog.text and "not there" not in caplog.text
+    assert ranking.best_model_path == ""
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from pneumonia.explain.methods import (
     AttributionFn,
     ClassScores,
     decision_threshold,
+    eval_mode,
     explain,
     find_layer,
 )
@@ -140,7 +139,7 @@ class AttributionMapsCallback(Callback):
         log.info(
             "redrawing the attribution maps of epoch %d, lost when the run stopped", grid["epoch"]
         )
-        with _evaluation_mode(pl_module):  # as after a validation: no dropout, BatchNorm frozen
+        with eval_mode(pl_module):  # as after a validation: no dropout, BatchNorm frozen
             self._draw(trainer, pl_module, "val", epoch=grid["epoch"], step=grid["step"])
 
     def state_dict(self) -> dict[str, Any]:
@@ -337,15 +336,3 @@ def _grid_name(stage: str, epoch: int) -> str:
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-@contextmanager
-def _evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode for the block; each one's own mode is put back after it."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training

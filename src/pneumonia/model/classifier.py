@@ -377,6 +377,8 @@ class XrayClassifier(L.LightningModule):
                 module.training = training
 
     def _as_image_batch(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # load_grayscale's arrays are read-only; torch warns on them
         images = torch.as_tensor(images)
         size = int(self.hparams.image_size)
         shape = tuple(images.shape)

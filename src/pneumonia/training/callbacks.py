@@ -96,17 +96,28 @@ class RunCheckpoint(ModelCheckpoint):
         """
         state = dict(state_dict)
         state["dirpath"] = self.dirpath  # Lightning then restores the (cleaned) fields below
-        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            state[key] = self._inside(state.get(key)) or ""
+        paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+        found = {key: self._inside(state.get(key)) for key in paths}
+        dropped = [
+            f"{key}={state_dict[key]!r}" for key in paths if state_dict.get(key) and not found[key]
+        ]
+        state.update({key: found[key] or "" for key in paths})
         kept = {}
         for path, score in dict(state.get("best_k_models") or {}).items():
             inside = self._inside(path)
             if inside and Path(inside).name != "last.ckpt" and _finite_number(score):
                 kept[inside] = score
         state["best_k_models"] = kept
-        consistent = all(
-            state[key] in kept for key in ("best_model_path", "kth_best_model_path") if state[key]
-        ) and _finite_number(state.get("best_model_score"), allow_none=not state["best_model_path"])
+        # Without a monitor Lightning records its latest save as the best, unranked and unscored.
+        unranked = self.monitor is None and state.get("monitor") is None and not kept
+        consistent = (
+            unranked and not state["kth_best_model_path"] and state.get("best_model_score") is None
+        ) or (
+            all(state[key] in kept for key in paths[:2] if state[key])
+            and _finite_number(
+                state.get("best_model_score"), allow_none=not state["best_model_path"]
+            )
+        )
         if not consistent:
             # Scores and paths that do not agree were not written by this callback: start the
             # ranking afresh rather than believe a score no checkpoint of this run earned.
@@ -115,11 +126,6 @@ class RunCheckpoint(ModelCheckpoint):
             state.update(best_model_score=None, kth_value=self.kth_value)
         if not state["best_model_path"]:
             state["best_model_score"] = None
-        dropped = [
-            f"{key}={state_dict.get(key)!r}"
-            for key in ("best_model_path", "kth_best_model_path", "last_model_path")
-            if state_dict.get(key) and Path(str(state_dict[key])).name != Path(state[key]).name
-        ]
         if dropped:
             log.warning(
                 "the resumed checkpoint records paths outside %s that are not there; ignored: %s",
