@@ -1,14 +1,20 @@
 import numpy as np
+import pytest
 from captum.attr._utils.visualization import _normalize_attr
 
 from pneumonia.explain.rendering.raster import (
     CAPTION_HEIGHT,
+    LABEL_HEIGHT,
     TITLE_HEIGHT,
     attribution_grid_image,
     blend,
+    heat_map,
+    normalize,
     normalize_signed,
     signed_heat_map,
+    study_figure_image,
 )
+from pneumonia.explain.settings import SIGNS
 
 
 def test_scaling_matches_captums_visualiser():
@@ -50,3 +56,68 @@ def test_grid_layout_upscales_small_images():
     assert grid[:TITLE_HEIGHT].min() < 64
     captions = [grid[TITLE_HEIGHT:top, i * 128 : (i + 1) * 128] for i in range(3)]
     assert [caption.min() < 64 for caption in captions] == [True, False, True]
+
+
+@pytest.mark.parametrize("sign", SIGNS)
+def test_each_signs_scaling_matches_captums_visualiser(sign):
+    attribution = np.random.default_rng(1).normal(size=(40, 40)) ** 3
+    np.testing.assert_allclose(
+        normalize(attribution, sign), _normalize_attr(attribution, sign, 2), rtol=1e-5
+    )
+
+
+def _figure_tiles(figure: np.ndarray, columns: int, side: int, scale: int):
+    """``tile(row, column)``: one panel of a study figure, shrunk back to ``side`` px (or whole)."""
+    tile_side = side * scale
+    assert figure.shape == (TITLE_HEIGHT + 2 * (LABEL_HEIGHT + tile_side), columns * tile_side, 3)
+
+    def tile(row: int, column: int, whole: bool = False) -> np.ndarray:
+        top = TITLE_HEIGHT + row * (LABEL_HEIGHT + tile_side) + LABEL_HEIGHT
+        block = figure[top : top + tile_side, column * tile_side : (column + 1) * tile_side]
+        return block if whole else block[::scale, ::scale].astype(float) / 255
+
+    return tile
+
+
+def test_the_study_figure_shows_every_sign_alone_and_blended():
+    rng = np.random.default_rng(0)
+    image, attribution = rng.random((64, 64)), rng.normal(size=(64, 64))
+    figure = study_figure_image(image, attribution, "title")
+    tile = _figure_tiles(figure, len(SIGNS) + 1, 64, scale=4)  # upscaled to 256 px panels
+    close = {"atol": 0.5 / 255 + 1e-6}
+    np.testing.assert_allclose(tile(0, 0), np.repeat(image[..., None], 3, -1), **close)
+    assert (tile(1, 0) == 1).all()  # no panel below the X-ray
+    for column, sign in enumerate(SIGNS, start=1):
+        heat = heat_map(attribution, sign)
+        np.testing.assert_allclose(tile(0, column), heat, **close)
+        np.testing.assert_allclose(tile(1, column), blend(image, heat), **close)
+    # Each panel draws its own sign: where the map is not positive, the positive panel shows the
+    # colour of zero, and the negative panel where it is not negative.
+    for column, sign, off in ((2, "positive", attribution <= 0), (3, "negative", attribution >= 0)):
+        zero_colour = heat_map(np.zeros((1, 1)), sign)[0, 0]
+        np.testing.assert_allclose(
+            tile(0, column)[off], np.broadcast_to(zero_colour, (off.sum(), 3)), **close
+        )
+        assert not np.allclose(tile(0, column)[~off], zero_colour, atol=0.01)
+
+
+@pytest.mark.parametrize(
+    ("attribution", "empty_signs"),
+    [
+        (np.zeros((32, 32)), set(SIGNS)),
+        (-np.ones((32, 32)), {"positive"}),
+        (np.eye(32), {"negative"}),
+    ],
+)
+def test_a_sign_without_attribution_shows_the_xray_with_a_note(attribution, empty_signs):
+    image = np.full((32, 32), 0.5)
+    figure = study_figure_image(image, attribution, "degenerate", signs=SIGNS)
+    tile = _figure_tiles(figure, len(SIGNS) + 1, 32, scale=8)
+    for column, sign in enumerate(SIGNS, start=1):
+        for row in (0, 1):
+            panel = tile(row, column, whole=True).astype(int)
+            # The note: yellow text (anti-aliased) on a black box; no colour map is black.
+            box = (panel == 0).all(axis=-1).any()
+            text = ((panel[..., :2] > 200).all(axis=-1) & (panel[..., 2] < 80)).any()
+            noted = box and text
+            assert noted == (sign in empty_signs), (sign, row)

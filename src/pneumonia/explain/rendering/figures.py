@@ -1,9 +1,8 @@
 """Attribution figures drawn with Captum's ``visualize_image_attr``.
 
-- :func:`study_figure`: the study's Figure 3 for one image: the attribution with sign ``all``,
-  ``positive``, ``negative`` and ``absolute_value``, each alone and blended over the X-ray.
 - :func:`attribution_grid`: a sheet across images (X-ray, signed attribution, overlay): ``explain.py``'s
-  summary. The per-epoch callback draws the same layout without matplotlib (:mod:`.raster`).
+  summary. The per-epoch callback draws the same layout without matplotlib, and explain.py its
+  per-image figures (the study's Figure 3), in :mod:`.raster`: matplotlib took a second each.
 
 Captum refuses to draw an all-zero map ("Cannot normalize by scale factor = 0"); such panels are
 drawn as the X-ray with a note instead of failing the whole figure.
@@ -25,7 +24,6 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pneumonia import CLASS_NAMES
-from pneumonia.explain.settings import SIGNS
 
 
 def draw_attribution(
@@ -69,41 +67,6 @@ def describe(label: int | None, probability: float, threshold: float) -> str:
     predicted = CLASS_NAMES[int(probability >= threshold)]
     truth = f"true {CLASS_NAMES[label]}, " if label is not None and label >= 0 else ""
     return f"{truth}pred {predicted} (p={probability:.2f})"
-
-
-def study_figure(
-    image: np.ndarray,
-    attribution: np.ndarray,
-    title: str,
-    signs: Sequence[str] = SIGNS,
-) -> Figure:
-    """The study's Figure 3 for one image: each sign alone (top row) and blended (bottom row).
-
-    ``image`` and ``attribution`` are ``(H, W)``; the first column shows the X-ray.
-    """
-    fig, axes = plt.subplots(
-        2, len(signs) + 1, figsize=(2.6 * (len(signs) + 1), 5.6), squeeze=False
-    )
-    axes[0, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
-    axes[0, 0].set_title("X-ray")
-    for ax in axes[:, 0]:
-        ax.axis("off")
-    for column, sign in enumerate(signs, start=1):
-        draw_attribution(
-            fig, axes[0, column], attribution, image, "heat_map", sign, sign.replace("_", " ")
-        )
-        draw_attribution(
-            fig,
-            axes[1, column],
-            attribution,
-            image,
-            "blended_heat_map",
-            sign,
-            f"{sign.replace('_', ' ')}, blended",
-        )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(h_pad=1.5)
-    return fig
 
 
 def attribution_grid(
