@@ -76,7 +76,16 @@ def test_side_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
         tmp_path / ".draft.partial",  # no process id
         tmp_path / "report.json",
     ]
-    for path in kept[2:]:
+    deeper = nested / "deeper"
+    deeper.mkdir()
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").symlink_to(elsewhere)
+    kept += [  # runs write in their folder and the folders in it, and follow no link
+        _leftover(deeper, "notes.txt", dead),
+        _leftover(elsewhere, "notes.txt", dead),
+    ]
+    for path in kept[2:5]:
         path.write_text("a user's")
     (tmp_path / f".folder.{dead}.partial").mkdir()  # not a file: left alone
     assert sorted(files.remove_stale_side_files(tmp_path)) == sorted(stale)

@@ -58,7 +58,8 @@ def write_atomic(path: str | Path, text: str) -> Path:
 
 def remove_stale_side_files(folder: str | Path, target: str | None = None) -> list[Path]:
     """Remove the side files of :func:`written_aside` that processes killed outright left in
-    ``folder`` and below it (only those of the file named ``target`` in ``folder``, if given).
+    ``folder`` and the folders in it (only those of the file named ``target`` in ``folder``, if
+    given).
 
     A side file is stale when no process has the id its name holds: a live writer's, on this
     machine, is never touched. Call it where no other machine writes into ``folder`` (a process
@@ -71,11 +72,12 @@ def remove_stale_side_files(folder: str | Path, target: str | None = None) -> li
     if target is not None:
         wanted = {_side_name(target).rsplit(".", 2)[0]}  # the name without ".<pid>.partial"
         candidates = (folder / name for name in _names(folder) if name.rsplit(".", 2)[0] in wanted)
-    else:
+    else:  # the folder and the folders in it, where runs write (not a tree a user named)
+        subfolders = [folder / name for name in _names(folder) if (folder / name).is_dir()]
         candidates = (
-            Path(parent) / name
-            for parent, _, names in os.walk(folder)  # links to folders are not followed
-            for name in names
+            where / name
+            for where in (folder, *(sub for sub in subfolders if not sub.is_symlink()))
+            for name in _names(where)
         )
     removed = []
     for path in candidates:
