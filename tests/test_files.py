@@ -118,3 +118,26 @@ def test_a_rewritten_file_keeps_the_permissions_its_owner_gave_it(tmp_path):
     path.chmod(0o640)
     write_atomic(path, "new")
     assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_a_process_id_no_process_can_have_is_a_dead_writers(tmp_path):
+    # os.kill raises OverflowError beyond a C int: a crafted or corrupt name stopped every run.
+    huge = [tmp_path / f".run_status.json.{pid}.partial" for pid in (2**31, 10**20)]
+    odd = tmp_path / f".two\nlines.{_dead_pid()}.partial"
+    for path in (*huge, odd):
+        path.write_text("half")
+    assert sorted(files.remove_stale_side_files(tmp_path)) == sorted([*huge, odd])
+
+
+def test_a_folder_that_cannot_be_locked_keeps_its_side_files(tmp_path, monkeypatch):
+    # Without the lock another machine's run may be writing here: its pid means nothing locally.
+    from pneumonia import locks
+    from pneumonia.training.status import hold_run_folder
+
+    def no_locks(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(locks, "try_lock", no_locks)
+    stale = _leftover(tmp_path, "test_metrics.json", _dead_pid())
+    with hold_run_folder(tmp_path):
+        assert stale.exists()

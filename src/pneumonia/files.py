@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
-_SIDE_FILE = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)\.partial")
+_SIDE_FILE = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)\.partial", re.DOTALL)
 
 
 @contextmanager
@@ -107,7 +107,7 @@ def _process_exists(pid: int) -> bool:
         return True  # 0 would signal our own process group; our own pid may be writing
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process id is that large
         return False
     except PermissionError:  # another user's live process
         return True

@@ -116,12 +116,12 @@ def exclusive_lock(
         yield HeldLock(None, waited=False)
         return
     try:
-        waited = False
+        waited, guarded = False, True
         try:
             held_elsewhere = not try_lock(descriptor, tries=tries)
         except OSError as err:
             log.warning("cannot lock %s (%s): %s", path, err, unguarded)
-            held_elsewhere = False
+            held_elsewhere, guarded = False, False
         if held_elsewhere:
             if when_held is not None:
                 when_held(descriptor)
@@ -130,6 +130,7 @@ def exclusive_lock(
                 waited = True
             except OSError as err:
                 log.warning("cannot lock %s (%s): %s", path, err, unguarded)
-        yield HeldLock(descriptor, waited)
+                guarded = False
+        yield HeldLock(descriptor if guarded else None, waited)
     finally:
         close_lock_file(descriptor)

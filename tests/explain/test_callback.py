@@ -121,6 +121,31 @@ def test_a_resume_redraws_the_grid_a_kill_lost_from_the_checkpoints_weights(
 
 
 @pytest.mark.parametrize(
+    "forged",
+    [
+        {"epoch": 10**300},  # a file name too long: the resume crashed
+        {"epoch": 7},  # an epoch that never ran: its grid was invented
+        {"step": 2**63},  # TensorBoard refused the step in the background thread
+    ],
+)
+def test_a_forged_grid_record_neither_crashes_the_resume_nor_invents_a_grid(
+    small_root, cache_dir, tmp_path, forged
+):
+    datamodule, module, _, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=1)
+    trainer.fit(module, datamodule=datamodule)
+    (tmp_path / "maps" / "val_epoch000.png").unlink()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["callbacks"]["AttributionMapsCallback"]["last_fit_grid"].update(forged)
+    torch.save(checkpoint, path)
+
+    datamodule, module, callback, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=2)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=path)
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*.png")) == ["val_epoch001.png"]
+    assert len(callback.seconds) == 1
+
+
+@pytest.mark.parametrize(
     "state",
     [
         {},

@@ -104,6 +104,10 @@ def test_two_processes_train_with_the_metrics_of_one_and_no_sync_warnings(
     assert all(step >= fitted for v in _events(run_dir, "test/").values() for step, _ in v)
     shown = EventAccumulator(str(run_dir / "tensorboard")).Reload()  # purges as TensorBoard does
     assert [e.step for e in shown.Scalars("val/balanced_accuracy")][-1] == fitted
+    # The test's figures beside its metrics: at step 0 they were shown as a restart.
+    tested = {step for v in _events(run_dir, "test/").values() for step, _ in v}
+    assert [e.step for e in shown.Images("test/confusion_matrix")] == sorted(tested)
+    assert tested and min(tested) >= fitted
     report = json.loads((run_dir / "test_metrics.json").read_text())
     one_process = json.loads((short_run / "test_metrics.json").read_text())
     assert set(report) == set(one_process)

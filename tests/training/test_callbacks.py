@@ -407,6 +407,30 @@ def test_a_run_without_a_monitor_resumes_its_latest_save_without_a_warning(tmp_p
     assert ranking.best_model_path == ""
 
 
+@pytest.mark.parametrize("forged_best", ["notes.txt", "last.ckpt"])
+def test_an_unranked_record_cannot_make_the_run_delete_a_file_that_is_not_its_checkpoint(
+    tmp_path, forged_best
+):
+    _fit(_Scripted([0.5, 0.4, 0.3]), [_unmonitored(tmp_path)], epochs=2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's notes beside the checkpoints")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("RunCheckpoint")]
+    checkpoint["callbacks"][key]["best_model_path"] = str(tmp_path / forged_best)
+    torch.save(checkpoint, tmp_path / "forged.ckpt")
+    callback = _unmonitored(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=3, callbacks=[callback], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(
+        _Scripted([0.5, 0.4, 0.3]), _loader(), _loader(2), ckpt_path=tmp_path / "forged.ckpt"
+    )
+    assert notes.read_text() == "a user's notes beside the checkpoints"
+    assert (tmp_path / "last.ckpt").is_file()
+    assert callback.best_model_path == str(tmp_path / "final-epoch=2.ckpt")
+
+
 @pytest.mark.parametrize(
     ("mode", "scores", "best_epoch"),
     [("max", [0.5, 0.9, 0.7, 0.9], 1), ("min", [0.5, 0.2, 0.7, 0.2], 1), ("max", [0.3, 0.1], 0)],

@@ -128,14 +128,14 @@ class AttributionMapsCallback(Callback):
         # Checkpoints are saved after this callback's on_validation_end, while its thread may still
         # be writing: a kill then loses a grid that no resumed epoch draws again.
         grid, self._resumed_grid = self._resumed_grid, None
-        if grid is None or self.dirpath is None or grid["global_step"] != trainer.global_step:
-            return  # not resumed, or from a checkpoint saved after other training steps
+        if grid is None or self.dirpath is None or not _drawn_before(grid, trainer):
+            return  # not resumed, from a checkpoint saved after other training steps, or forged
         # Rank zero's answer for every rank: all of them must reach _draw's barrier, or none.
         drawn = trainer.strategy.broadcast(
             (self.dirpath / _grid_name("val", grid["epoch"])).exists()
         )
         if drawn:
-            return  # written before TensorBoard's copy (see _publish): both are there
+            return  # written after TensorBoard's copy (see _publish): both are there
         log.info(
             "redrawing the attribution maps of epoch %d, lost when the run stopped", grid["epoch"]
         )
@@ -277,18 +277,18 @@ class AttributionMapsCallback(Callback):
             for y, p in zip(self.labels, job["probabilities"], strict=True)
         ]
         grid = attribution_grid_image(job["images"], job["maps"], captions, title)
-        if self.dirpath is not None:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            # Whole or absent: a kill while the grid is written leaves no empty PNG behind.
-            with written_aside(self.dirpath / _grid_name(job["stage"], job["epoch"])) as partial:
-                Image.fromarray(grid).save(partial, format="PNG")
-        # After the PNG, flushed: a missing PNG then means TensorBoard lacks the grid too, and a
-        # resume redraws both without showing one twice.
+        # TensorBoard's copy first, flushed, and the PNG last: a PNG on disk means both were
+        # written, and a resume redraws a missing one with its TensorBoard image (a kill between
+        # the two then shows that image twice, never loses it).
         for logger in job["tensorboards"]:
             tag = f"explanations/{self.settings.method}/{job['stage']}"
             logger.experiment.add_image(tag, grid, job["step"], dataformats="HWC")
             logger.experiment.flush()
         if self.dirpath is not None:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            # Whole or absent: a kill while the grid is written leaves no empty PNG behind.
+            with written_aside(self.dirpath / _grid_name(job["stage"], job["epoch"])) as partial:
+                Image.fromarray(grid).save(partial, format="PNG")
             self.background_seconds.append(time.perf_counter() - start)
             # Lets benchmarks set the callback's cost against an epoch's.
             timings = {"seconds": self.seconds, "background_seconds": self.background_seconds}
@@ -332,6 +332,17 @@ class AttributionMapsCallback(Callback):
 
 def _grid_name(stage: str, epoch: int) -> str:
     return f"val_epoch{epoch:03d}.png" if stage == "val" else "test.png"
+
+
+def _drawn_before(grid: dict[str, int], trainer: L.Trainer) -> bool:
+    """Whether a recorded grid is the one drawn just before the checkpoint being resumed was saved:
+    at its global step, one step after its metrics' (:func:`epoch_metrics_step`), in its epoch
+    (the last completed one, or the current one for a checkpoint saved within an epoch)."""
+    return (
+        grid["global_step"] == trainer.global_step
+        and grid["step"] == trainer.global_step - 1
+        and grid["epoch"] in (trainer.current_epoch - 1, trainer.current_epoch)
+    )
 
 
 def _count(value: Any) -> bool:

@@ -177,7 +177,9 @@ def epoch_metrics_step(trainer: Any) -> int:
     lie one step past its checkpoint, and a resume from that checkpoint purges the step
     (:mod:`pneumonia.training.loggers`): TensorBoard lost the epoch's confusion matrix and maps.
     """
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    # ddp_spawn tests in fresh workers whose step is 0: loggers then hold the fitted step as a floor.
+    return max([step, *(int(getattr(lg, "step_floor", 0)) for lg in trainer.loggers)])
 
 
 def log_figure(loggers: Iterable[Logger], tag: str, figure: Any, step: int) -> None:

@@ -109,7 +109,12 @@ class RunCheckpoint(ModelCheckpoint):
                 kept[inside] = score
         state["best_k_models"] = kept
         # Without a monitor Lightning records its latest save as the best, unranked and unscored.
-        unranked = self.monitor is None and state.get("monitor") is None and not kept
+        unranked = (
+            self.monitor is None
+            and state.get("monitor") is None
+            and not kept
+            and Path(state["best_model_path"]).name != "last.ckpt"
+        )
         consistent = (
             unranked and not state["kth_best_model_path"] and state.get("best_model_score") is None
         ) or (
@@ -135,12 +140,13 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state)
 
     def _inside(self, path: Any) -> str | None:
-        """``dirpath / <file name of path>`` if that file exists, else None."""
+        """``dirpath / <file name of path>`` if that file exists and is named as a checkpoint
+        (``.ckpt``: a user's notes in the folder are nobody's best model), else None."""
         if not isinstance(path, str) or not path or self.dirpath is None:
             return None
         name = Path(path.split("://")[-1]).name
         candidate = Path(self.dirpath) / name
-        return str(candidate) if name and candidate.is_file() else None
+        return str(candidate) if name.endswith(".ckpt") and candidate.is_file() else None
 
     def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
         # Never delete anything outside this run's checkpoint folder, whatever the protocol.

@@ -187,8 +187,9 @@ def hold_run_folder(folder: Path) -> Iterator[None]:
         if held.descriptor is not None:
             os.ftruncate(held.descriptor, 0)
             os.pwrite(held.descriptor, f"{os.getpid()}\n".encode(), 0)
-        # No other run writes here now: hidden side files are what killed writers left.
-        remove_stale_side_files(folder)
+            # No other run writes here now: hidden side files are what killed writers left.
+            # (Unlocked, another machine's live writer could own one: its pid means nothing here.)
+            remove_stale_side_files(folder)
         yield
 
 
