@@ -336,8 +336,9 @@ def _grid_name(stage: str, epoch: int) -> str:
 
 def _drawn_before(grid: dict[str, int], trainer: L.Trainer) -> bool:
     """Whether a recorded grid is the one drawn just before the checkpoint being resumed was saved:
-    at its global step, one step after its metrics' (:func:`epoch_metrics_step`), in its epoch
-    (the last completed one, or the current one for a checkpoint saved within an epoch)."""
+    drawn at the checkpoint's global step G, logged at its metrics' step G - 1
+    (:func:`epoch_metrics_step`), in the last completed epoch (or the current one, for a checkpoint
+    saved within an epoch)."""
     return (
         grid["global_step"] == trainer.global_step
         and grid["step"] == trainer.global_step - 1
