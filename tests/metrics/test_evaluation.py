@@ -52,3 +52,21 @@ def test_a_small_temperature_does_not_tie_images_outside_the_test_loop():
     assert shift.clean["auroc"] == pytest.approx(expected, abs=1e-6)
     single = np.array([float(module.predict_proba(image)) for image in images])
     assert roc_auc_score(targets.numpy(), single) == pytest.approx(expected, abs=1e-6)
+
+
+def test_figures_follow_the_metrics_step_and_a_loggers_floor_but_not_a_dummy_logger():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    from pneumonia.metrics.evaluation import epoch_metrics_step
+
+    def trainer(step, *loggers):
+        loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step))
+        return SimpleNamespace(fit_loop=loop, loggers=list(loggers))
+
+    assert epoch_metrics_step(trainer(7)) == 7
+    # ddp_spawn's test workers start at step 0; the logger holds the fitted step as a floor.
+    assert epoch_metrics_step(trainer(0, SimpleNamespace(step_floor=12))) == 12
+    # fast_dev_run's DummyLogger answers every attribute (step_floor too) with a function.
+    assert epoch_metrics_step(trainer(3, DummyLogger())) == 3

@@ -179,7 +179,9 @@ def epoch_metrics_step(trainer: Any) -> int:
     """
     step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
     # ddp_spawn tests in fresh workers whose step is 0: loggers then hold the fitted step as a floor.
-    return max([step, *(int(getattr(lg, "step_floor", 0)) for lg in trainer.loggers)])
+    # (fast_dev_run's DummyLogger answers any attribute with a function: only numbers count.)
+    floors = [getattr(logger, "step_floor", 0) for logger in trainer.loggers]
+    return max([step, *(int(f) for f in floors if isinstance(f, int | float))])
 
 
 def log_figure(loggers: Iterable[Logger], tag: str, figure: Any, step: int) -> None:
