@@ -187,6 +187,32 @@ def test_the_runs_own_checkpoints_must_stay_in_its_checkpoints_folder(compose_co
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (['callbacks.model_checkpoint.filename="best/{epoch}"'], True),
+        (
+            [
+                'callbacks.model_checkpoint.filename="{epoch}-{val/balanced_accuracy:.4f}"',
+                "callbacks.model_checkpoint.auto_insert_metric_name=true",
+            ],
+            True,  # Lightning writes "val/balanced_accuracy=" into the name
+        ),
+        (['callbacks.model_checkpoint.filename="best-{epoch}-{val/auroc:.3f}"'], False),
+        (['callbacks.model_checkpoint.filename="best-{epoch}"'], False),
+    ],
+)
+def test_checkpoint_names_that_would_make_folders_are_refused(compose_config, overrides, refused):
+    # Lightning saves them below checkpoints/, where the best checkpoint was then lost on resume
+    # and by evaluation, and save_top_k never removed the old ones.
+    cfg = compose_config(*overrides)
+    if refused:
+        with pytest.raises(ConfigError, match=r"callbacks.model_checkpoint.filename=.*'/'"):
+            check_train_config(cfg)
+    else:
+        check_train_config(cfg)
+
+
 def test_a_run_without_its_checkpoint_callback_is_told_it_cannot_resume(compose_config, caplog):
     check_train_config(compose_config("callbacks=none"))
     assert "cannot be resumed with ckpt_path=last" in caplog.text

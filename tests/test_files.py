@@ -141,3 +141,28 @@ def test_a_folder_that_cannot_be_locked_keeps_its_side_files(tmp_path, monkeypat
     stale = _leftover(tmp_path, "test_metrics.json", _dead_pid())
     with hold_run_folder(tmp_path):
         assert stale.exists()
+
+
+def test_a_folder_that_cannot_be_read_is_passed_over(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    stale = _leftover(tmp_path, "split.csv", _dead_pid())
+    scandir = os.scandir
+
+    def denied(path):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(files.os, "scandir", denied)
+    assert files.remove_stale_side_files(tmp_path) == [stale]
+
+
+def test_a_long_names_digest_side_file_is_found_whatever_its_writers_pid(tmp_path):
+    # Whether the digest stands in for the name depends on the writer's pid's length.
+    name = "n" * 239
+    with mock.patch("os.getpid", return_value=99999999):  # above any pid_max: a dead writer
+        side = tmp_path / files._side_name(name)
+    assert not side.name.startswith(".nnn")  # that writer needed the digest; a shorter pid may not
+    side.write_text("half")
+    assert files.remove_stale_side_files(tmp_path, target=name) == [side]

@@ -8,6 +8,7 @@ through a run (a matrix shape error in the first batch, a ``None`` handed to the
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -120,6 +121,18 @@ def _check_checkpoint_folder(cfg: DictConfig) -> None:
             f"{expected}, where a resume, an evaluation and a sweep rerun look for them. Leave "
             "dirpath as it is and choose the run's folder with run_dir=<folder>; add another "
             "ModelCheckpoint under callbacks for copies elsewhere"
+        )
+    filename = str(node.get("filename") or "")
+    fields = re.findall(r"{([^}:]*)", filename)
+    literal = re.sub(r"{[^}]*}", "", filename)
+    # Lightning writes "<metric>=" before each field unless told not to, and metrics hold "/".
+    inserted = node.get("auto_insert_metric_name", True) and any("/" in f for f in fields)
+    if "/" in literal or inserted:
+        raise ConfigError(
+            f"callbacks.model_checkpoint.filename={filename!r} makes checkpoint names with '/', "
+            f"which Lightning saves in folders below {expected}, where a resume, an evaluation and "
+            "the choice of the best checkpoint do not look. Use a name without '/' (a metric's "
+            "'/' is fine with callbacks.model_checkpoint.auto_insert_metric_name=false)"
         )
 
 

@@ -9,9 +9,10 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -69,37 +70,49 @@ def remove_stale_side_files(folder: str | Path, target: str | None = None) -> li
         The paths removed.
     """
     folder = Path(folder)
-    if target is not None:
-        wanted = {_side_name(target).rsplit(".", 2)[0]}  # the name without ".<pid>.partial"
-        candidates = (folder / name for name in _names(folder) if name.rsplit(".", 2)[0] in wanted)
-    else:  # the folder and the folders in it, where runs write (not a tree a user named)
-        subfolders = [folder / name for name in _names(folder) if (folder / name).is_dir()]
-        candidates = (
-            where / name
-            for where in (folder, *(sub for sub in subfolders if not sub.is_symlink()))
-            for name in _names(where)
-        )
+    if (
+        target is None
+    ):  # the folder and the folders in it, where runs write (not a tree a user named)
+        entries = _entries(folder)
+        subfolders = [entry.path for entry in entries if _is(entry.is_dir, follow_symlinks=False)]
+        entries += [entry for sub in subfolders for entry in _entries(Path(sub))]
+    else:  # both names its writer may have used (the digest one beside a long name)
+        prefixes = {f".{target}", f".{hashlib.sha1(target.encode()).hexdigest()}"}
+        entries = [e for e in _entries(folder) if e.name.rsplit(".", 2)[0] in prefixes]
     removed = []
-    for path in candidates:
-        match = _SIDE_FILE.fullmatch(path.name)
-        if match is None or _process_exists(int(match["pid"])) or not path.is_file():
+    for entry in entries:
+        match = _SIDE_FILE.fullmatch(entry.name)
+        if match is None or _process_exists(int(match["pid"])):
             continue
+        if not _is(entry.is_file, follow_symlinks=False) and not entry.is_symlink():
+            continue  # a folder, FIFO or socket of that name is no side file
         try:
-            path.unlink()
+            os.unlink(entry.path)
         except OSError as problem:  # a leftover is not worth stopping for
-            log.warning("could not remove %s, a file a killed process left: %s", path, problem)
+            log.warning(
+                "could not remove %s, a file a killed process left: %s", entry.path, problem
+            )
             continue
-        removed.append(path)
+        removed.append(Path(entry.path))
     if removed:
         log.info("removed %d unfinished file(s) of killed processes in %s", len(removed), folder)
     return removed
 
 
-def _names(folder: Path) -> list[str]:
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder``; none where it cannot be read (a leftover is not worth stopping for)."""
     try:
-        return os.listdir(folder)
+        with os.scandir(folder) as entries:
+            return list(entries)
     except OSError:
         return []
+
+
+def _is(test: Callable[..., bool], **kwargs: Any) -> bool:
+    try:
+        return bool(test(**kwargs))
+    except OSError:  # a permission denied on one entry
+        return False
 
 
 def _process_exists(pid: int) -> bool:

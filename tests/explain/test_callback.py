@@ -97,15 +97,21 @@ def _resumable(small_root, cache_dir, tmp_path, epochs):
     return datamodule, module, callback, trainer
 
 
+def _fit_and_lose_the_last_grid(small_root, cache_dir, tmp_path, epochs):
+    """Fit, then delete the last epoch's grid, as a kill while the background thread wrote it
+    (after the checkpoint) leaves the run; return the grid's path and its bytes."""
+    datamodule, module, _, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=epochs)
+    trainer.fit(module, datamodule=datamodule)
+    grid = tmp_path / "maps" / f"val_epoch{epochs - 1:03d}.png"
+    drawn = grid.read_bytes()
+    grid.unlink()
+    return grid, drawn
+
+
 def test_a_resume_redraws_the_grid_a_kill_lost_from_the_checkpoints_weights(
     small_root, cache_dir, tmp_path
 ):
-    datamodule, module, _, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=1)
-    trainer.fit(module, datamodule=datamodule)
-    grid = tmp_path / "maps" / "val_epoch000.png"
-    drawn = grid.read_bytes()
-    grid.unlink()  # as a kill while the background thread wrote it, after the checkpoint
-
+    grid, drawn = _fit_and_lose_the_last_grid(small_root, cache_dir, tmp_path, epochs=1)
     datamodule, module, callback, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=2)
     was_training = []
     module.on_train_batch_start = lambda *args: was_training.append(module.net.training)
@@ -119,6 +125,22 @@ def test_a_resume_redraws_the_grid_a_kill_lost_from_the_checkpoints_weights(
     trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert len(callback.seconds) == 1
 
+    # Nor is one missing from another run folder resumed from this checkpoint: nothing was lost.
+    elsewhere = tmp_path / "elsewhere"
+    datamodule, module, callback, trainer = _resumable(small_root, cache_dir, elsewhere, epochs=4)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [p.name for p in (elsewhere / "maps").glob("*.png")] == ["val_epoch003.png"]
+
+
+def test_a_grid_lost_after_the_final_checkpoint_is_redrawn_with_nothing_left_to_train(
+    small_root, cache_dir, tmp_path
+):
+    # Lightning skips training then (no on_train_start), and the grid was never redrawn.
+    grid, drawn = _fit_and_lose_the_last_grid(small_root, cache_dir, tmp_path, epochs=2)
+    datamodule, module, callback, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=2)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert grid.read_bytes() == drawn and len(callback.seconds) == 1
+
 
 @pytest.mark.parametrize(
     "forged",
@@ -131,9 +153,7 @@ def test_a_resume_redraws_the_grid_a_kill_lost_from_the_checkpoints_weights(
 def test_a_forged_grid_record_neither_crashes_the_resume_nor_invents_a_grid(
     small_root, cache_dir, tmp_path, forged
 ):
-    datamodule, module, _, trainer = _resumable(small_root, cache_dir, tmp_path, epochs=1)
-    trainer.fit(module, datamodule=datamodule)
-    (tmp_path / "maps" / "val_epoch000.png").unlink()
+    _fit_and_lose_the_last_grid(small_root, cache_dir, tmp_path, epochs=1)
     path = tmp_path / "ckpt" / "last.ckpt"
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["callbacks"]["AttributionMapsCallback"]["last_fit_grid"].update(forged)
@@ -157,12 +177,15 @@ def test_a_forged_grid_record_neither_crashes_the_resume_nor_invents_a_grid(
         {"last_fit_grid": {"epoch": "../../x", "step": 3, "global_step": 4}},
     ],
 )
-def test_a_recorded_grid_that_is_not_three_counts_is_ignored(state):
+def test_a_recorded_grid_that_is_not_three_counts_and_a_folder_is_ignored(state):
     callback = AttributionMapsCallback()
     callback.load_state_dict(state)
     assert callback._resumed_grid is None
-    callback.load_state_dict({"last_fit_grid": {"epoch": 1, "step": 3, "global_step": 4}})
-    assert callback._resumed_grid == {"epoch": 1, "step": 3, "global_step": 4}
+    valid = {"epoch": 1, "step": 3, "global_step": 4, "folder": "/runs/a/maps"}
+    callback.load_state_dict({"last_fit_grid": {**valid, "folder": 7}})
+    assert callback._resumed_grid is None
+    callback.load_state_dict({"last_fit_grid": valid})
+    assert callback._resumed_grid == valid
 
 
 def test_every_n_epochs(small_root, cache_dir, tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from pneumonia.errors import RunFolderBusyError
 from pneumonia.explain.inputs import ImageToExplain
@@ -46,3 +49,18 @@ def test_images_missing_from_the_data_root_say_to_pass_data_root(tmp_path):
     broken = [ImageToExplain(tmp_path / "broken.png", 0)]
     with pytest.raises(ValueError, match="none of the 1 images could be read"):
         load_pixels(broken, 32, tmp_path)
+
+
+def test_maps_with_nan_or_infinite_values_stop_the_run_naming_the_images():
+    # Captum's visualiser failed on them with an IndexError; the pixel figures drew them black.
+    from pneumonia.errors import NonFiniteOutputError
+    from pneumonia.explain.run import _check_finite
+
+    items = [ImageToExplain(Path(f"/x/{name}.png"), 0) for name in ("a", "b", "c")]
+    maps = torch.zeros(3, 1, 8, 8)
+    _check_finite(maps, "gradcam", items)
+    maps[1, 0, 2, 2], maps[2, 0, 0, 0] = float("nan"), float("inf")
+    with pytest.raises(
+        NonFiniteOutputError, match=r"gradcam gave .* for 2 of 3 images \(b.png, c.png\)"
+    ):
+        _check_finite(maps, "gradcam", items)

@@ -18,6 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import ROOT, make_subset
+from tests.integration.conftest import train
 
 pytestmark = pytest.mark.integration
 
@@ -156,29 +157,28 @@ def test_one_checkpoint_evaluates_the_same_on_one_and_two_processes(
     assert listed[0] == listed[1] and len(listed[0].splitlines()) == 59 + 1
 
 
-def test_a_resume_on_two_processes_redraws_the_checkpoints_grid_without_a_hang(
-    short_run, small_root, cache_dir, tmp_path
+def test_a_resume_on_two_processes_redraws_a_lost_grid_without_a_hang(
+    small_root, cache_dir, tmp_path
 ):
     # The redraw ends at a barrier: every rank must take the same decision to draw, or the ranks'
-    # collectives mismatch. A new folder lacks the grid of the checkpoint's epoch (epoch 0).
-    run_dir = tmp_path / "resumed"
-    checkpoint = short_run / "checkpoints" / "last.ckpt"
+    # collectives mismatch.
+    run_dir = tmp_path / "run"
+    common = (f"data.root={small_root}", "image_size=64", "debug=limit", "test=false")
+    train(*common, "trainer.max_epochs=1", f"run_dir={run_dir}", cache_dir=cache_dir)
+    grid = run_dir / "explanations" / "val_epoch000.png"
+    drawn = grid.read_bytes()
+    grid.unlink()  # as a kill while the grid was written, after the checkpoint
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
     # The steps as that run took them (bf16 on CPUs that have it; the ddp preset pins 32 bits).
     training = torch.load(checkpoint, weights_only=True)["hyper_parameters"]["training"]
-    precision = training["trainer.precision"]
     _run(
-        f"data.root={small_root}",
-        "image_size=64",
-        "debug=limit",
-        f"ckpt_path={checkpoint}",
-        f"trainer.precision={precision}",
-        "test=false",
+        *common,
+        "ckpt_path=last",
+        f"trainer.precision={training['trainer.precision']}",
         f"run_dir={run_dir}",
         *TWO_PROCESSES,
         cache_dir=cache_dir,
     )
     grids = sorted(p.name for p in (run_dir / "explanations").glob("val_epoch*.png"))
     assert grids == ["val_epoch000.png", "val_epoch001.png"]
-    assert (run_dir / "explanations" / "val_epoch000.png").read_bytes() == (
-        short_run / "explanations" / "val_epoch000.png"
-    ).read_bytes()  # the checkpoint's weights, threshold and images
+    assert grid.read_bytes() == drawn  # the checkpoint's weights, threshold and images

@@ -75,7 +75,12 @@ def test_a_run_folder_means_its_recorded_best_checkpoint_when_asked(tmp_path, ca
     best.unlink()
     with caplog.at_level("WARNING"):
         assert resolve_checkpoint(tmp_path / "run", tmp_path, prefer_best=True) == folder / "last.ckpt"  # fmt: skip
-    assert "records its best checkpoint as epoch03-bacc0.9700.ckpt, which is not in" in caplog.text
+    assert "records its best checkpoint as epoch03-bacc0.9700.ckpt, which is not a checkpoint in" in caplog.text  # fmt: skip
+    # A recorded best that is some other file beside the checkpoints is not taken for one.
+    (folder / "notes.txt").write_text("a user's notes")
+    state["best_model_path"] = "/elsewhere/notes.txt"
+    torch.save({"callbacks": {"RunCheckpoint{'monitor': 'val/balanced_accuracy'}": state}, **MINIMAL}, folder / "last.ckpt")  # fmt: skip
+    assert best_checkpoint(tmp_path / "run") is None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "callbacks"])

@@ -46,7 +46,7 @@ class AttributionMapsCallback(Callback):
     thread copies the maps to the host, draws and writes the grid, and is finished before the next
     grid and before fit/validate/test returns. A run killed while that thread wrote the grid of the
     epoch its last checkpoint holds gets the grid redrawn from the checkpoint's weights when it
-    resumes (the callback's state in the checkpoint records which grid that is).
+    resumes in the same folder (the callback's state in the checkpoint records which grid that is).
 
     Args:
         dirpath: folder for the PNGs (``None``: only TensorBoard).
@@ -95,9 +95,10 @@ class AttributionMapsCallback(Callback):
         self.labels: list[int] = []
         self.seconds: list[float] = []  # paid by the training loop, per grid
         self.background_seconds: list[float] = []  # drawing and writing, off the loop
-        # The last grid drawn in a fit: {"epoch", "step" (its TensorBoard step), "global_step"}.
-        self._last_fit_grid: dict[str, int] | None = None
-        self._resumed_grid: dict[str, int] | None = None  # the same, from a resumed checkpoint
+        # The last grid drawn in a fit: {"epoch", "step" (its TensorBoard step), "global_step",
+        # "folder" (dirpath, resolved)}.
+        self._last_fit_grid: dict[str, Any] | None = None
+        self._resumed_grid: dict[str, Any] | None = None  # the same, from a resumed checkpoint
 
     # ----- when ---------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -122,14 +123,24 @@ class AttributionMapsCallback(Callback):
                 "epoch": trainer.current_epoch,
                 "step": epoch_metrics_step(trainer),
                 "global_step": trainer.global_step,
+                "folder": str(self.dirpath.resolve()) if self.dirpath else "",
             }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._redraw_lost_grid(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume with no epoch left to train never starts training (no on_train_start).
+        self._redraw_lost_grid(trainer, pl_module)
+
+    def _redraw_lost_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Checkpoints are saved after this callback's on_validation_end, while its thread may still
         # be writing: a kill then loses a grid that no resumed epoch draws again.
         grid, self._resumed_grid = self._resumed_grid, None
         if grid is None or self.dirpath is None or not _drawn_before(grid, trainer):
             return  # not resumed, from a checkpoint saved after other training steps, or forged
+        if grid["folder"] != str(self.dirpath.resolve()):
+            return  # resumed into another run folder: nothing of this one was lost
         # Rank zero's answer for every rank: all of them must reach _draw's barrier, or none.
         drawn = trainer.strategy.broadcast(
             (self.dirpath / _grid_name("val", grid["epoch"])).exists()
@@ -147,9 +158,16 @@ class AttributionMapsCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         grid = state_dict.get("last_fit_grid") if isinstance(state_dict, dict) else None
-        keys = ("epoch", "step", "global_step")
-        if isinstance(grid, dict) and all(_count(grid.get(key)) for key in keys):
-            self._resumed_grid = {key: int(grid[key]) for key in keys}
+        counts = ("epoch", "step", "global_step")
+        if (
+            isinstance(grid, dict)
+            and all(_count(grid.get(key)) for key in counts)
+            and isinstance(grid.get("folder"), str)  # only ever compared, never opened
+        ):
+            self._resumed_grid = {
+                **{key: int(grid[key]) for key in counts},
+                "folder": grid["folder"],
+            }
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._draw(trainer, pl_module, "test")
@@ -334,7 +352,7 @@ def _grid_name(stage: str, epoch: int) -> str:
     return f"val_epoch{epoch:03d}.png" if stage == "val" else "test.png"
 
 
-def _drawn_before(grid: dict[str, int], trainer: L.Trainer) -> bool:
+def _drawn_before(grid: dict[str, Any], trainer: L.Trainer) -> bool:
     """Whether a recorded grid is the one drawn just before the checkpoint being resumed was saved:
     drawn at the checkpoint's global step G, logged at its metrics' step G - 1
     (:func:`epoch_metrics_step`), in the last completed epoch (or the current one, for a checkpoint

@@ -18,6 +18,7 @@ from pneumonia.config import check_explain_config
 from pneumonia.data.discovery import looks_like_a_dataset
 from pneumonia.data.image_io import load_grayscale
 from pneumonia.devices import resolve_device
+from pneumonia.errors import NonFiniteOutputError
 from pneumonia.explain.inputs import ImageToExplain, collect_images
 from pneumonia.explain.methods import (
     ClassScores,
@@ -165,6 +166,7 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         ):
             batches.append(attribute(model, batch.to(device), batch_targets.to(device)).cpu())
         maps[method] = torch.cat(batches)
+        _check_finite(maps[method], method, items)
         ms_per_image[method] = 1000 * (time.perf_counter() - start) / len(images)
 
     np.savez_compressed(
@@ -200,6 +202,19 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     write_atomic(output_dir / "trust.json", to_json(report))  # NaN (one class) as null
     _print_report(report)
     return report
+
+
+def _check_finite(maps: torch.Tensor, method: str, items: list[ImageToExplain]) -> None:
+    """Refuse maps with NaN or infinite values: their figures and trust figures would be noise."""
+    broken = (~torch.isfinite(maps)).flatten(1).any(dim=1)
+    if broken.any():
+        names = [items[i].path.name for i in broken.nonzero().flatten().tolist()]
+        raise NonFiniteOutputError(
+            f"{method} gave maps with NaN or infinite values for {len(names)} of {len(items)} "
+            f"images ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): the network's "
+            "outputs or gradients overflow. Check the checkpoint with predict.py, or explain it "
+            "with another method"
+        )
 
 
 def _interleave_classes(items: list[ImageToExplain]) -> list[ImageToExplain]:

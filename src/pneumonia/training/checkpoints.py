@@ -66,10 +66,10 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     recorded = _model_checkpoint_state(last).get("best_model_path")
     candidate = folder / Path(str(recorded)).name if recorded else None
-    if candidate is not None and not candidate.is_file():
+    if candidate is not None and not (candidate.suffix == ".ckpt" and candidate.is_file()):
         log.warning(
-            "%s records its best checkpoint as %s, which is not in %s; using last.ckpt",
-            last, Path(str(recorded)).name, folder,
+            "%s records its best checkpoint as %s, which is not a checkpoint in %s; using "
+            "last.ckpt", last, Path(str(recorded)).name, folder,
         )  # fmt: skip
         return None
     return candidate

@@ -121,3 +121,15 @@ def test_a_sign_without_attribution_shows_the_xray_with_a_note(attribution, empt
             text = ((panel[..., :2] > 200).all(axis=-1) & (panel[..., 2] < 80)).any()
             noted = box and text
             assert noted == (sign in empty_signs), (sign, row)
+
+
+def test_a_map_with_nan_or_infinite_values_is_drawn_as_its_finite_part():
+    # One NaN made the scale NaN and every panel black.
+    attribution = np.random.default_rng(2).normal(size=(32, 32))
+    broken = attribution.copy()
+    broken[:3] = np.nan
+    broken[5, 5] = np.inf
+    finite = attribution.copy()
+    finite[:3], finite[5, 5] = 0.0, 0.0
+    for sign in SIGNS:
+        np.testing.assert_array_equal(normalize(broken, sign), normalize(finite, sign))

@@ -54,7 +54,9 @@ def signed_part(attribution: np.ndarray, sign: str) -> np.ndarray:
 def normalize(attribution: np.ndarray, sign: str = "all", outlier_perc: float = 2.0) -> np.ndarray:
     """``(H, W)`` attribution scaled as Captum scales ``sign``: [-1, 1] for ``all``, [0, 1] for the
     others; a map with nothing of that sign stays zero (Captum refuses it)."""
-    values = signed_part(attribution, sign)
+    # NaN or infinite values (a broken model; explain.py refuses them) are drawn as no attribution
+    # rather than turning the whole panel black.
+    values = signed_part(np.nan_to_num(attribution, nan=0.0, posinf=0.0, neginf=0.0), sign)
     magnitudes = np.sort(np.abs(values).ravel())
     cumulative = np.cumsum(magnitudes)
     if cumulative.size == 0 or cumulative[-1] <= 0:
