@@ -17,7 +17,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
-_SIDE_FILE = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)\.partial", re.DOTALL)
+_SIDE_FILE = re.compile(r"(?P<stem>\..+)\.(?P<pid>[0-9]+)\.partial", re.DOTALL)
 
 
 @contextmanager
@@ -44,10 +44,14 @@ def written_aside(path: str | Path) -> Iterator[Path]:
 def _side_name(name: str) -> str:
     """``.<name>.<pid>.partial``, or with a digest of ``name`` where that would be longer than a
     file name may be (255 bytes): any name the target may have, its side file may have too."""
-    side = f".{name}.{os.getpid()}.partial"
-    if len(side.encode()) <= NAME_MAX:
-        return side
-    return f".{hashlib.sha1(name.encode()).hexdigest()}.{os.getpid()}.partial"
+    plain, digest = _side_stems(name)
+    side = f"{plain}.{os.getpid()}.partial"
+    return side if len(side.encode()) <= NAME_MAX else f"{digest}.{os.getpid()}.partial"
+
+
+def _side_stems(name: str) -> tuple[str, str]:
+    """The two stems a side file of ``name`` may have: ``.<name>`` and ``.<digest of name>``."""
+    return f".{name}", f".{hashlib.sha1(name.encode()).hexdigest()}"
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
@@ -70,19 +74,18 @@ def remove_stale_side_files(folder: str | Path, target: str | None = None) -> li
         The paths removed.
     """
     folder = Path(folder)
-    if (
-        target is None
-    ):  # the folder and the folders in it, where runs write (not a tree a user named)
-        entries = _entries(folder)
+    entries = _entries(folder)
+    if target is None:  # and the folders in it, where runs write (not a tree a user named)
         subfolders = [entry.path for entry in entries if _is(entry.is_dir, follow_symlinks=False)]
         entries += [entry for sub in subfolders for entry in _entries(Path(sub))]
-    else:  # both names its writer may have used (the digest one beside a long name)
-        prefixes = {f".{target}", f".{hashlib.sha1(target.encode()).hexdigest()}"}
-        entries = [e for e in _entries(folder) if e.name.rsplit(".", 2)[0] in prefixes]
+    # Either stem its writer may have used (the digest one beside a long name).
+    stems = set(_side_stems(target)) if target is not None else None
     removed = []
     for entry in entries:
         match = _SIDE_FILE.fullmatch(entry.name)
-        if match is None or _process_exists(int(match["pid"])):
+        if match is None or (stems is not None and match["stem"] not in stems):
+            continue
+        if _process_exists(int(match["pid"])):
             continue
         if not _is(entry.is_file, follow_symlinks=False) and not entry.is_symlink():
             continue  # a folder, FIFO or socket of that name is no side file
