@@ -10,8 +10,6 @@ from pneumonia.explain.rendering.raster import (
     blend,
     heat_map,
     normalize,
-    normalize_signed,
-    signed_heat_map,
     study_figure_image,
 )
 from pneumonia.explain.settings import SIGNS
@@ -20,15 +18,15 @@ from pneumonia.explain.settings import SIGNS
 def test_scaling_matches_captums_visualiser():
     attribution = np.random.default_rng(0).normal(size=(40, 40)) ** 3
     np.testing.assert_allclose(
-        normalize_signed(attribution), _normalize_attr(attribution, "all", 2), rtol=1e-5
+        normalize(attribution, "all"), _normalize_attr(attribution, "all", 2), rtol=1e-5
     )
 
 
 def test_colours_and_zero_maps():
-    heat = signed_heat_map(np.array([[1.0, -1.0, 0.0]]))
+    heat = heat_map(np.array([[1.0, -1.0, 0.0]]), "all")
     # Green (matplotlib's #008000) for, red against, white for zero.
     np.testing.assert_allclose(heat[0], [[0, 128 / 255, 0], [1, 0, 0], [1, 1, 1]], atol=0.01)
-    assert (normalize_signed(np.zeros((4, 4))) == 0).all()
+    assert (normalize(np.zeros((4, 4)), "all") == 0).all()
 
 
 def test_grid_layout_upscales_small_images():
@@ -46,7 +44,7 @@ def test_grid_layout_upscales_small_images():
         return block[::2, ::2].astype(float) / 255
 
     for i in range(3):
-        heat = signed_heat_map(attributions[i])
+        heat = heat_map(attributions[i], "all")
         np.testing.assert_allclose(
             tile(0, i), np.repeat(images[i][..., None], 3, -1), atol=0.5 / 255
         )

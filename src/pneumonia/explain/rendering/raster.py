@@ -65,20 +65,14 @@ def normalize(attribution: np.ndarray, sign: str = "all", outlier_perc: float = 
     return np.clip(values / level, -1, 1).astype(np.float32)
 
 
-def normalize_signed(attribution: np.ndarray, outlier_perc: float = 2.0) -> np.ndarray:
-    """``(H, W)`` attribution scaled to [-1, 1] as Captum scales sign ``"all"``; all-zero stays zero."""
-    return normalize(attribution, "all", outlier_perc)
-
-
 def heat_map(attribution: np.ndarray, sign: str = "all") -> np.ndarray:
     """``(H, W)`` attribution -> ``(H, W, 3)`` RGB in [0, 1], in the colours of ``sign``."""
-    scaled = normalize(attribution, sign)
+    return _coloured(normalize(attribution, sign), sign)
+
+
+def _coloured(scaled: np.ndarray, sign: str) -> np.ndarray:
+    """:func:`normalize`'s output for ``sign`` in that sign's colours, ``(H, W, 3)``."""
     return SIGN_COLOURS[sign]((scaled + 1) / 2 if sign == "all" else scaled)[..., :3]
-
-
-def signed_heat_map(attribution: np.ndarray) -> np.ndarray:
-    """``(H, W)`` attribution -> ``(H, W, 3)`` RGB in [0, 1]."""
-    return heat_map(attribution, "all")
 
 
 def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -101,7 +95,7 @@ def attribution_grid_image(
         (TITLE_HEIGHT + CAPTION_HEIGHT + 3 * tile_h, count * tile_w, 3), dtype=np.float32
     )
     for i in range(count):
-        heat = signed_heat_map(attributions[i])
+        heat = heat_map(attributions[i], "all")
         rows = (np.repeat(images[i][..., None], 3, axis=-1), heat, blend(images[i], heat))
         for r, tile in enumerate(rows):
             big = tile.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -145,8 +139,9 @@ def study_figure_image(
     for column, sign in enumerate(signs, start=1):
         name = sign.replace("_", " ")
         labels += [(0, column, name), (1, column, f"{name}, blended")]
-        if signed_part(attribution, sign).any():
-            heat = heat_map(attribution, sign)
+        scaled = normalize(attribution, sign)  # zero where the sign has no (finite) attribution
+        if scaled.any():
+            heat = _coloured(scaled, sign)
             place(0, column, heat)
             place(1, column, blend(image, heat))
         else:
