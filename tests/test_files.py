@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -166,3 +167,24 @@ def test_a_long_names_digest_side_file_is_found_whatever_its_writers_pid(tmp_pat
     assert not side.name.startswith(".nnn")  # that writer needed the digest; a shorter pid may not
     side.write_text("half")
     assert files.remove_stale_side_files(tmp_path, target=name) == [side]
+
+
+def test_a_figure_is_saved_whole_in_the_format_its_name_says(tmp_path):
+    class Figure:
+        def __init__(self, fail: bool = False) -> None:
+            self.fail, self.calls = fail, []
+
+        def savefig(self, path, **kwargs):
+            self.calls.append(kwargs)
+            Path(path).write_bytes(b"half a figure")
+            if self.fail:
+                raise OSError(28, "No space left on device")
+
+    path = tmp_path / "shift_suite.png"
+    figure = Figure()
+    assert files.save_figure(figure, path, dpi=120) == path
+    assert figure.calls == [{"format": "png", "dpi": 120}] and path.read_bytes() == b"half a figure"
+    path.write_bytes(b"the old figure")
+    with pytest.raises(OSError, match="No space"):
+        files.save_figure(Figure(fail=True), path)
+    assert path.read_bytes() == b"the old figure" and sorted(tmp_path.iterdir()) == [path]

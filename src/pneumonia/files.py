@@ -61,6 +61,15 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def save_figure(figure: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib ``figure`` as ``path`` (its format from the suffix) through
+    :func:`written_aside`; return ``path``."""
+    path = Path(path)
+    with written_aside(path) as partial:
+        figure.savefig(partial, format=path.suffix.lstrip("."), **savefig_kwargs)
+    return path
+
+
 def remove_stale_side_files(folder: str | Path, target: str | None = None) -> list[Path]:
     """Remove the side files of :func:`written_aside` that processes killed outright left in
     ``folder`` and the folders in it (only those of the file named ``target`` in ``folder``, if

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pneumonia import CLASS_NAMES
 from pneumonia.errors import NonFiniteOutputError
-from pneumonia.files import write_atomic
+from pneumonia.files import save_figure, write_atomic
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 
 
@@ -54,7 +54,7 @@ def write_test_report(output_dir: str | Path, report: dict[str, Any]) -> Path:
     json_path = output_dir / "test_metrics.json"
     write_atomic(json_path, to_json(report))
     figure = confusion_matrix_figure(np.array(report["confusion_matrix"]), CLASS_NAMES, "test")
-    figure.savefig(output_dir / "test_confusion_matrix.png")
+    save_figure(figure, output_dir / "test_confusion_matrix.png")
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -67,9 +67,8 @@ def write_reliability_diagram(
     """Write ``test_reliability.png``: observed P(PNEUMONIA) against predicted, per bin."""
     from pneumonia.metrics.calibration import reliability_diagram
 
-    path = Path(output_dir) / "test_reliability.png"
-    reliability_diagram(probabilities, targets, title="test, calibrated").savefig(path)
-    return path
+    figure = reliability_diagram(probabilities, targets, title="test, calibrated")
+    return save_figure(figure, Path(output_dir) / "test_reliability.png")
 
 
 class TestReportWriter(Callback):

@@ -56,6 +56,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from pneumonia.errors import NonFiniteOutputError
+from pneumonia.files import written_aside
 from pneumonia.metrics.diagnostic import METRIC_NAMES, DiagnosticMetrics
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class ShiftSuiteResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = ["perturbation", "severity", *METRIC_NAMES]
-        with path.open("w", newline="") as handle:
+        with written_aside(path) as partial, partial.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerow({"perturbation": "clean", "severity": 0, **self.clean})

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pneumonia.files import written_aside
+from pneumonia.files import save_figure
 from pneumonia.sweeps.summary import FINISHED, SEED_KEY, Summary
 
 if TYPE_CHECKING:
@@ -132,8 +132,5 @@ def write_figures(summary: Summary, output_dir: str | Path) -> list[Path]:
         fig = swept_value_figure(summary, key)
         if fig is None:
             continue
-        path = figure_path(Path(output_dir), key)
-        with written_aside(path) as partial:
-            fig.savefig(partial, format="png", bbox_inches="tight")
-        written.append(path)
+        written.append(save_figure(fig, figure_path(Path(output_dir), key), bbox_inches="tight"))
     return written

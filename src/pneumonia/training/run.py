@@ -29,6 +29,7 @@ from pneumonia.errors import (
     NothingTrainedError,
     SplitChangedError,
 )
+from pneumonia.files import save_figure, write_atomic
 from pneumonia.hydra_hooks import hydra_choices, is_sweep_job, job_identity, task_overrides
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import (
@@ -576,9 +577,9 @@ def _measure_outside_pool(
             seed=int(suite_cfg.get("seed") or 0),
         )
         result.to_csv(output_dir / "shift_suite.csv")
-        (output_dir / "shift_suite.md").write_text(result.to_markdown() + "\n")
+        write_atomic(output_dir / "shift_suite.md", result.to_markdown() + "\n")
         figure = shift_suite_figure(result)
-        figure.savefig(output_dir / "shift_suite.png", dpi=120)
+        save_figure(figure, output_dir / "shift_suite.png", dpi=120)
         log_figure(loggers, "shift/suite", figure, step)
         for logger in loggers:
             logger.log_metrics({"shift/robustness": result.score}, step=step)
