@@ -184,8 +184,54 @@ def test_a_recorded_grid_that_is_not_three_counts_and_a_folder_is_ignored(state)
     valid = {"epoch": 1, "step": 3, "global_step": 4, "folder": "/runs/a/maps"}
     callback.load_state_dict({"last_fit_grid": {**valid, "folder": 7}})
     assert callback._resumed_grid is None
-    callback.load_state_dict({"last_fit_grid": valid})
-    assert callback._resumed_grid == valid
+    callback.load_state_dict({"last_fit_grid": valid})  # a checkpoint of before "within_epoch"
+    assert callback._resumed_grid == {**valid, "within_epoch": False}
+    callback.load_state_dict({"last_fit_grid": {**valid, "within_epoch": "yes"}})
+    assert callback._resumed_grid == {**valid, "within_epoch": False}
+
+
+def test_validations_inside_an_epoch_each_keep_their_grid(small_root, cache_dir, tmp_path):
+    # With val_check_interval < 1 the second validation of an epoch overwrote the first one's PNG.
+    datamodule, module, _, _ = _setup(small_root, cache_dir, tmp_path)
+    trainer = L.Trainer(
+        max_epochs=2, limit_train_batches=2, val_check_interval=0.5,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+        callbacks=[AttributionMapsCallback(dirpath=tmp_path / "maps", num_images=4)],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*.png")) == [
+        "val_epoch000.png",
+        "val_epoch000_step000001.png",
+        "val_epoch001.png",
+        "val_epoch001_step000003.png",
+    ]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("explanations/guided_gradcam/val")] == [0, 1, 2, 3]
+
+
+def test_a_resume_redraws_a_lost_grid_of_a_validation_inside_an_epoch(
+    small_root, cache_dir, tmp_path
+):
+    def resumable(**limits):
+        datamodule, module, callback, _ = _setup(small_root, cache_dir, tmp_path)
+        checkpoints = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+        trainer = L.Trainer(
+            max_epochs=1, limit_train_batches=2, val_check_interval=0.5, logger=False,
+            callbacks=[callback, checkpoints], enable_progress_bar=False,
+            enable_model_summary=False, **limits,
+        )  # fmt: skip
+        return datamodule, module, callback, trainer
+
+    datamodule, module, _, trainer = resumable(max_steps=1)  # stops after the first validation
+    trainer.fit(module, datamodule=datamodule)
+    grid = tmp_path / "maps" / "val_epoch000_step000001.png"
+    drawn = grid.read_bytes()
+    grid.unlink()
+    datamodule, module, callback, trainer = resumable()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert grid.read_bytes() == drawn and len(callback.seconds) == 2  # redrawn, then the end
+    assert (tmp_path / "maps" / "val_epoch000.png").is_file()
 
 
 def test_every_n_epochs(small_root, cache_dir, tmp_path):
