@@ -7,26 +7,56 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumonia.errors import RunFolderBusyError
+from pneumonia.errors import CheckpointError, RunFolderBusyError
 from pneumonia.explain.inputs import ImageToExplain
 from pneumonia.explain.run import explain_checkpoint, load_pixels
 from tests.conftest import run_folder_held_elsewhere
 
 
-@pytest.mark.parametrize("earlier", ["trust.json", "summary.png", "figures/0000_a.png"])
-def test_a_folder_holding_an_earlier_explanation_is_refused_before_anything_loads(
+def _folder_holding(tmp_path: Path, *names: str, text: str = "of the earlier run") -> Path:
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    for name in names:
+        (run / name).write_text(text)
+    return run
+
+
+@pytest.mark.parametrize("earlier", ["trust.json", "figures/0000_a.png"])
+def test_a_folder_holding_a_finished_explanation_is_refused_before_anything_loads(
     compose_config, tmp_path, earlier
 ):
     cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
-    done = tmp_path / "run" / earlier
-    done.parent.mkdir(parents=True)
-    done.write_text("from the first explanation")
-    with pytest.raises(
-        FileExistsError,
-        match=rf"run[/\\]? already holds an explanation \({earlier.split('/')[0]}\).*run_dir=",
-    ):
+    done = _folder_holding(tmp_path, earlier, "trust.json", text="from the first explanation")
+    with pytest.raises(FileExistsError, match=r"run[/\\]? already holds an explanation .*run_dir="):
         explain_checkpoint(cfg)
-    assert done.read_text() == "from the first explanation"
+    assert (done / earlier).read_text() == "from the first explanation"
+
+
+def test_a_stopped_explanations_files_are_removed_and_it_is_explained_again(
+    compose_config, tmp_path, caplog
+):
+    # They were refused like a finished explanation's: a run killed while drawing its figures
+    # could not be run again in its folder.
+    cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
+    names = ["summary.png", "attributions.npz", "figures/0522_x.png"]
+    run = _folder_holding(tmp_path, *names, "notes.txt")
+    with pytest.raises(CheckpointError, match="missing.ckpt"):  # past the folder's checks
+        explain_checkpoint(cfg)
+    assert not any((run / name).exists() for name in names) and (run / "notes.txt").is_file()
+    assert "stopped before it finished" in caplog.text
+
+
+@pytest.mark.parametrize("stranger", ["figures/notes.txt", "figures/0001_x.png/"])
+def test_files_explain_did_not_write_among_its_figures_are_refused_not_removed(
+    compose_config, tmp_path, stranger
+):
+    cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
+    run = _folder_holding(tmp_path, "summary.png")
+    path = run / stranger
+    path.mkdir() if stranger.endswith("/") else path.write_text("the user's")
+    with pytest.raises(FileExistsError, match=rf"{path.name} is not a figure of explain.py"):
+        explain_checkpoint(cfg)
+    assert path.exists() and (run / "summary.png").is_file()
 
 
 def test_a_folder_another_process_explains_in_is_refused(compose_config, tmp_path):

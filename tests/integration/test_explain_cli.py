@@ -92,6 +92,25 @@ def test_any_image_folder_with_bad_files_and_a_named_class(
     assert "cannot read" in result.stdout + result.stderr
 
 
+def test_a_folder_an_explanation_was_stopped_in_is_explained_again(
+    short_run, originals_root, cache_dir, tmp_path
+):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    for stopped in ("summary.png", "attributions.npz", "figures/0007_old.png"):
+        (out / stopped).write_bytes(b"cut short by a kill")  # and no trust.json
+    image = sorted((originals_root / "NORMAL").iterdir())[0]
+    result = explain(
+        f"ckpt_path={short_run}", f"images={image}", f"run_dir={out}",
+        "methods=[guided_gradcam]", "trust.sanity=false",
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    assert "stopped before it finished" in result.stdout + result.stderr
+    assert [p.name for p in (out / "figures").iterdir()] == [f"0000_{image.stem}.png"]
+    assert np.load(out / "attributions.npz")["images"].shape[0] == 1
+    assert json.loads((out / "trust.json").read_text())["images"] == 1
+
+
 def test_a_foreign_checkpoint_is_refused_clearly(cache_dir, tmp_path):
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, other)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pneumonia.explain.trust.regions import (
     summarize_by_class,
 )
 from pneumonia.explain.trust.sanity import cascading_randomization
-from pneumonia.files import write_atomic
+from pneumonia.files import save_figure, write_atomic, written_aside
 from pneumonia.metrics.report import to_json
 from pneumonia.training.checkpoints import load_classifier, resolve_checkpoint
 from pneumonia.training.status import hold_run_folder
@@ -80,29 +81,61 @@ def load_pixels(
     return np.stack(pixels), kept, failures
 
 
-# What explain.py writes into its folder (besides Hydra's record and its log).
+# What explain.py writes into its folder (besides Hydra's record and its log); trust.json last,
+# so a folder without it holds an explanation that was stopped.
 OUTPUTS = ("figures", "summary.png", "attributions.npz", "trust.json")
+FINISHED = "trust.json"
+FIGURE_NAME = re.compile(r"[0-9]{4,}_.*\.png", re.DOTALL)
 
 
 def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``).
 
+    Every file is written whole (a kill leaves the old file or none), and a folder an explanation
+    was stopped in (its files without ``trust.json``) is explained again: the stopped run's files
+    are removed first, so none of them mixes with this one's.
+
     Raises:
         RunFolderBusyError: another process works in the folder.
-        FileExistsError: the folder holds an earlier explanation's output, which this one's would
-            mix with (figures of other images or another checkpoint beside the new ones).
+        FileExistsError: the folder holds a finished explanation, which this one's files would
+            mix with (figures of other images or another checkpoint beside the new ones), or files
+            explain.py did not write where it writes its own.
     """
     check_explain_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with hold_run_folder(output_dir):
-        earlier = [name for name in OUTPUTS if (output_dir / name).exists()]
-        if earlier:
-            raise FileExistsError(
-                f"{output_dir} already holds an explanation ({', '.join(earlier)}); this one's "
-                "files would mix with it. Pass another run_dir=<folder>, or delete those first"
-            )
+        _clear_stopped_explanation(output_dir)
         return _explain(cfg, output_dir)
+
+
+def _clear_stopped_explanation(output_dir: Path) -> None:
+    """Refuse a folder holding a finished explanation; remove the files of a stopped one."""
+    earlier = [name for name in OUTPUTS if (output_dir / name).exists()]
+    if not earlier:
+        return
+    if FINISHED in earlier:
+        raise FileExistsError(
+            f"{output_dir} already holds an explanation ({', '.join(earlier)}); this one's files "
+            "would mix with it. Pass another run_dir=<folder>, or delete those first"
+        )
+    figure_dir = output_dir / "figures"
+    figures = list(figure_dir.iterdir()) if figure_dir.is_dir() else []
+    strangers = [f for f in figures if not (FIGURE_NAME.fullmatch(f.name) and f.is_file())]
+    if strangers or (figure_dir.exists() and not figure_dir.is_dir()):
+        raise FileExistsError(
+            f"{strangers[0] if strangers else figure_dir} is not a figure of explain.py, where "
+            "it writes its figures. Pass another run_dir=<folder>, or move it"
+        )
+    log.warning(
+        "%s holds the files of an explanation stopped before it finished (%s, no %s): removing "
+        "them and explaining again",
+        output_dir,
+        ", ".join(earlier),
+        FINISHED,
+    )
+    for stopped in [output_dir / "summary.png", output_dir / "attributions.npz", *figures]:
+        stopped.unlink(missing_ok=True)
 
 
 def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -169,15 +202,16 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         _check_finite(maps[method], method, items)
         ms_per_image[method] = 1000 * (time.perf_counter() - start) / len(images)
 
-    np.savez_compressed(
-        output_dir / "attributions.npz",
-        paths=np.array([str(item.path) for item in items]),
-        labels=np.array([-1 if y is None else y for y in labels]),
-        probabilities=probabilities.numpy(),
-        targets=targets.numpy(),
-        images=pixels,
-        **{f"maps_{method}": m[:, 0].numpy().astype(np.float32) for method, m in maps.items()},
-    )
+    with written_aside(output_dir / "attributions.npz") as partial, partial.open("wb") as file:
+        np.savez_compressed(  # to a file object: given a path, numpy would append ".npz" to it
+            file,
+            paths=np.array([str(item.path) for item in items]),
+            labels=np.array([-1 if y is None else y for y in labels]),
+            probabilities=probabilities.numpy(),
+            targets=targets.numpy(),
+            images=pixels,
+            **{f"maps_{method}": m[:, 0].numpy().astype(np.float32) for method, m in maps.items()},
+        )
     _write_figures(
         cfg,
         output_dir,
@@ -240,8 +274,9 @@ def _write_figures(
         figure = study_figure_image(
             images[i, 0].numpy(), maps[i, 0].numpy(), title, signs=list(cfg.signs)
         )
-        # Fast zlib: the PNG's compression took four times the drawing.
-        Image.fromarray(figure).save(figure_dir / f"{i:04d}_{item.path.stem}.png", compress_level=1)
+        with written_aside(figure_dir / f"{i:04d}_{item.path.stem}.png") as partial:
+            # Fast zlib: the PNG's compression took four times the drawing.
+            Image.fromarray(figure).save(partial, format="PNG", compress_level=1)
     count = min(SUMMARY_IMAGES, len(items))
     sheet = attribution_grid(
         images[:count, 0].numpy(),
@@ -251,7 +286,7 @@ def _write_figures(
         f"{cfg.figure_method} ({cfg.target} class)",
         threshold,
     )
-    sheet.savefig(output_dir / "summary.png")
+    save_figure(sheet, output_dir / "summary.png")
     close(sheet)
 
 
