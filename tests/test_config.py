@@ -187,7 +187,9 @@ def test_one_image_size_reaches_the_network_and_the_images(compose_config, unbal
     cfg = compose_config("image_size=96", f"data.root={unbalanced_root}")
     module = _classifier(cfg).eval()
     assert module.hparams.image_size == 96
-    with pytest.raises(RuntimeError):  # a network built for another size refuses 96 px
+    with pytest.raises(
+        RuntimeError, match="shapes cannot be multiplied"
+    ):  # a network built for another size refuses 96 px
         _classifier(compose_config("image_size=128"))(torch.zeros(1, 1, 96, 96))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -348,10 +348,13 @@ def test_a_checkpoint_from_before_the_stored_operating_point_keeps_its_threshold
 
 
 def test_a_fixed_rule_keeps_the_threshold_whatever_validation_says():
-    fixed = {"_target_": "pneumonia.metrics.operating_point.FixedThreshold", "threshold": 0.5}
-    module = XrayClassifier(net=NET, optimizer=ADAM, image_size=32, operating_point=fixed)
-    _fit(module, max_epochs=1)
-    assert module.threshold == 0.5
+    # The rule's threshold, not the module's own (0.3): a rule never applied passed as 0.5 = 0.5.
+    fixed = {"_target_": "pneumonia.metrics.operating_point.FixedThreshold", "threshold": 0.7}
+    module = XrayClassifier(
+        net=NET, optimizer=ADAM, image_size=32, threshold=0.3, operating_point=fixed
+    )
+    _fit(module, max_epochs=2)
+    assert module.threshold == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize(

@@ -10,36 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pneumonia.config import NEVER_VALIDATED, check_train_config
 from pneumonia.data.datamodule import ChestXrayDataModule
-from pneumonia.data.discovery import looks_like_a_dataset
-from pneumonia.errors import (
-    CheckpointError,
-    ConfigError,
-    NeverValidatedError,
-    NothingTrainedError,
-    SplitChangedError,
-)
-from pneumonia.files import save_figure, write_atomic
-from pneumonia.hydra_hooks import hydra_choices, is_sweep_job, job_identity, task_overrides
+from pneumonia.errors import CheckpointError, ConfigError, NeverValidatedError, NothingTrainedError
+from pneumonia.hydra_hooks import is_sweep_job, job_identity, task_overrides
 from pneumonia.metrics.diagnostic import METRIC_NAMES
-from pneumonia.metrics.evaluation import (
-    batch_predictor,
-    evaluate_external_sets,
-    external_scalars,
-    log_external_results,
-    log_figure,
-    warn_if_one_class,
-)
+from pneumonia.metrics.evaluation import warn_if_one_class
+from pneumonia.metrics.outside_pool import measure_outside_pool, measures_outside_pool
 from pneumonia.metrics.report import (
     TestReportWriter,
     add_to_test_report,
@@ -49,22 +34,21 @@ from pneumonia.metrics.report import (
 from pneumonia.model.classifier import XrayClassifier, to_plain
 from pneumonia.sweeps.callback import summarize_interrupted_job
 from pneumonia.training.callbacks import BestEpochMetrics, StatusProgress, StopOnDivergence
+from pneumonia.training.checkpoint_data import (
+    checkpoint_data,
+    copies_of_training_images,
+    training_pool,
+)
 from pneumonia.training.checkpoints import (
     CHECKPOINT_DIR,
     LAST,
-    is_inside,
     last_checkpoint,
     load_classifier,
-    read_checkpoint,
     read_hyperparameters,
     recorded_score,
     resolve_checkpoint,
 )
-from pneumonia.training.hparams_session import (
-    NOT_HYPERPARAMETERS,
-    session_hparams,
-    write_session,
-)
+from pneumonia.training.hparams_session import NOT_HYPERPARAMETERS
 from pneumonia.training.loggers import (
     ContinuingCSVLogger,
     ContinuingTensorBoardLogger,
@@ -72,17 +56,10 @@ from pneumonia.training.loggers import (
 )
 from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.random_stream import RandomStreamCheckpoint
-from pneumonia.training.resume import ResumePoint, split_differences, step_settings
+from pneumonia.training.record import RunRecord, fitted_last_checkpoint
+from pneumonia.training.resume import ResumePoint, step_settings
 from pneumonia.training.schedulers import cycles_momentum
-from pneumonia.training.status import (
-    COMPLETED,
-    FAILED,
-    INTERRUPTED,
-    RunStatus,
-    error_line,
-    hold_run_folder,
-    read_status,
-)
+from pneumonia.training.status import COMPLETED, FAILED, INTERRUPTED, hold_run_folder, read_status
 
 log = logging.getLogger(__name__)
 
@@ -221,143 +198,6 @@ def _resume_if_interrupted(cfg: DictConfig, output_dir: Path) -> DictConfig:
     return cfg
 
 
-class RunRecord:
-    """What a run leaves behind about itself: ``run_status.json`` and its TensorBoard session.
-
-    Only the process of global rank zero writes (``strategy=ddp`` starts this code once per rank).
-    """
-
-    def __init__(self, cfg: DictConfig, output_dir: Path, overrides: list[str]) -> None:
-        self.cfg = cfg
-        self.overrides = overrides
-        self.writes = rank_zero_only.rank == 0
-        self.fits = bool(cfg.get("fit", True))
-        continues = self.fits and _resumes_in_place(cfg, output_dir)
-        self.status = (
-            RunStatus(output_dir, overrides, _reported_metric(cfg), continues=continues)
-            if self.writes
-            else None
-        )
-        self.trainer: L.Trainer | None = None
-        self.loggers: list[Logger] = []
-        self.epochs: BestEpochMetrics | None = None
-        self.fitted_epochs: dict[str, Any] | None = None
-
-    def watch(
-        self, trainer: L.Trainer, loggers: list[Logger], epochs: BestEpochMetrics | None
-    ) -> None:
-        self.trainer, self.loggers, self.epochs = trainer, loggers, epochs
-
-    def fit_ended(self) -> None:
-        """Keep the epoch record as the fit left it: testing a checkpoint restores its callbacks."""
-        if self.epochs is not None:
-            self.fitted_epochs = self.epochs.state_dict()
-
-    def best_val(self) -> dict[str, float]:
-        """The validation metrics of the epoch whose weights the checkpoint keeps."""
-        return dict(self._progress().get("best_val") or {})
-
-    def end(
-        self, status: str, score: float | None = None, error: BaseException | None = None
-    ) -> None:
-        if self.status is None:
-            return
-        if self.status.earlier and self.trainer is None and status != COMPLETED:
-            # A resume of this folder's run that ended before any training (a refusal, a bad
-            # setting, Ctrl-C): a mistyped resume must not turn a completed run into a failed one
-            # and drop how far it got.
-            self.status.restore()
-            log.info(
-                "%s keeps its record (%s): this resume ended before it trained (%s)",
-                self.status.path,
-                self.status.earlier.get("status"),
-                error_line(error) if error is not None else status,
-            )
-            return
-        try:
-            self.status.update(**self._progress())
-            self.status.end(status, score=score, error=error)
-        except Exception as problem:  # the run's own outcome matters more than its record
-            log.warning("could not record the run's status: %s", problem)
-            if error is None:
-                raise
-        try:  # a missing HPARAMS row is worth a warning, not a failed run: the status says how it ended
-            if self.fits:
-                hparams = session_hparams(self.cfg, hydra_choices(), self.overrides, status)
-            else:  # the model's settings are the checkpoint's, not this config's defaults
-                hparams = {
-                    "task": str(self.cfg.get("task_name")),
-                    "ckpt_path": str(self.cfg.get("ckpt_path")),
-                    "status": status,
-                }
-            for logger in self.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    write_session(logger.log_dir, hparams, status)
-        except Exception as problem:
-            log.warning("could not write the run's TensorBoard HPARAMS session: %s", problem)
-
-    def _progress(self) -> dict[str, Any]:
-        if self.trainer is None:
-            return {}
-        epochs = self.epochs
-        state = self.fitted_epochs or (epochs.state_dict() if epochs is not None else {})
-        if epochs is not None and not state.get("epochs"):
-            # ddp_spawn trains in workers: their record is in the last checkpoint.
-            state = _recorded_epoch_metrics(self.trainer) or state
-        return {
-            "epochs": state.get("epochs") or self.trainer.current_epoch,
-            "global_step": self.trainer.global_step,
-            "best_epoch": state.get("best_epoch"),
-            "best_val": state.get("best", {}),
-            "last_val": state.get("last", {}),
-        }
-
-
-def _resumes_in_place(cfg: DictConfig, output_dir: Path) -> bool:
-    """Whether ``ckpt_path`` continues this run folder's own training (``last`` or a file in it)."""
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None or str(ckpt_path) == "":
-        return False
-    if str(ckpt_path) == LAST:
-        return True
-    path = Path(str(ckpt_path)).expanduser()
-    return path.resolve() == output_dir.resolve() or is_inside(path, output_dir)
-
-
-def _reported_metric(cfg: DictConfig) -> str:
-    """What the run's score is: ``optimized_metric``, or for an evaluation what it measured."""
-    metric = str(cfg.get("optimized_metric") or "")
-    if cfg.get("fit", True) or metric.startswith(("external/", "shift/")):
-        return metric
-    return "test/balanced_accuracy"
-
-
-def _last_checkpoint(trainer: L.Trainer) -> dict[str, Any] | None:
-    """The fit's ``last.ckpt``, read safely; None when there is none.
-
-    ddp_spawn fits in workers: the launching trainer learns their step and callback states only
-    from it.
-    """
-    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-    last = Path(folder) / "last.ckpt" if folder else None
-    if last is None or not last.is_file():
-        return None
-    try:
-        return read_checkpoint(last)
-    except CheckpointError:
-        return None
-
-
-def _recorded_epoch_metrics(trainer: L.Trainer) -> dict[str, Any]:
-    callbacks = (_last_checkpoint(trainer) or {}).get("callbacks")
-    state = callbacks.get(BestEpochMetrics.__qualname__) if isinstance(callbacks, dict) else None
-    if not isinstance(state, dict):
-        return {}
-    restored = BestEpochMetrics()
-    restored.load_state_dict(state)
-    return restored.state_dict()
-
-
 def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     resume = ResumePoint.read(ckpt_path) if ckpt_path is not None else None
@@ -409,10 +249,10 @@ def _fit(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | None:
         if cfg.optimized_metric.startswith("test/"):
             name = cfg.optimized_metric.removeprefix("test/")
             score = _as_float((report or {}).get("metrics", {}).get(name))
-    if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
+    if trainer.is_global_zero and measures_outside_pool(cfg, datamodule):
         best = checkpoint.best_model_path if checkpoint is not None else None
         measured = load_classifier(best)[0] if best else module
-        measurements = _measure_outside_pool(
+        measurements = measure_outside_pool(
             cfg, measured, datamodule, datamodule, loggers, output_dir, trainer.global_step,
             trainer.strategy.root_device,
         )  # fmt: skip
@@ -522,74 +362,7 @@ def _fitted_step(trainer: L.Trainer) -> int:
     """The global step fitting ended at (ddp_spawn's launching trainer only knows it from disk)."""
     if trainer.global_step > 0:
         return trainer.global_step
-    return int((_last_checkpoint(trainer) or {}).get("global_step", 0))
-
-
-def _measures_outside_pool(cfg: DictConfig, datamodule: ChestXrayDataModule) -> bool:
-    return bool(datamodule.external_tests) or bool(cfg.get("shift_suite", {}).get("enabled"))
-
-
-def _measure_outside_pool(
-    cfg: DictConfig,
-    module: XrayClassifier,
-    datamodule: ChestXrayDataModule,
-    pool: ChestXrayDataModule | None,
-    loggers: list[Logger],
-    output_dir: Path,
-    step: int,
-    device: torch.device | None = None,
-) -> dict[str, float]:
-    """Evaluate on the external test sets and run the shift suite, as configured.
-
-    ``pool``: the module's training pool, to look for its images among the external ones (None:
-    not at hand). The shift suite perturbs ``datamodule``'s test split. ``device``: the trainer's;
-    only a CUDA device is used, the CPU path scores where the module already is.
-
-    Results go into ``test_metrics.json`` (``external``, ``shift_suite``), the loggers
-    (``external/<name>/<metric>``, ``shift/robustness``) and, for the shift suite, a table and a
-    plot beside it. Returns every scalar logged, by name, for the sweeper.
-    """
-    module.eval()
-    device = device if device is not None and device.type == "cuda" else None
-    scalars: dict[str, float] = {}
-    extra: dict[str, Any] = {}
-    if datamodule.external_tests:
-        results = evaluate_external_sets(
-            module, datamodule, pool, batch_size=max(datamodule.batch_size, 64), device=device
-        )
-        log_external_results(loggers, results, step)
-        extra["external"] = results
-        scalars.update(external_scalars(results))
-    suite_cfg = cfg.get("shift_suite") or {}
-    if suite_cfg.get("enabled"):
-        from pneumonia.metrics.shift import run_shift_suite, shift_suite_figure
-
-        images, targets = datamodule.split_arrays("test")
-        threshold = suite_cfg.get("threshold")
-        result = run_shift_suite(
-            batch_predictor(module, device),
-            images,
-            targets,
-            module.threshold if threshold is None else float(threshold),
-            perturbations=suite_cfg.get("perturbations"),
-            severities=tuple(suite_cfg.get("severities") or (1, 2, 3)),
-            batch_size=int(suite_cfg.get("batch_size") or 256),
-            seed=int(suite_cfg.get("seed") or 0),
-        )
-        result.to_csv(output_dir / "shift_suite.csv")
-        write_atomic(output_dir / "shift_suite.md", result.to_markdown() + "\n")
-        figure = shift_suite_figure(result)
-        save_figure(figure, output_dir / "shift_suite.png", dpi=120)
-        log_figure(loggers, "shift/suite", figure, step)
-        for logger in loggers:
-            logger.log_metrics({"shift/robustness": result.score}, step=step)
-            logger.save()
-        extra["shift_suite"] = result.to_dict()
-        scalars["shift/robustness"] = result.score
-        print("\n" + result.to_markdown() + "\n")
-        print(f"shift suite: {output_dir / 'shift_suite.md'}, {output_dir / 'shift_suite.png'}")
-    add_to_test_report(output_dir, extra)
-    return scalars
+    return int((fitted_last_checkpoint(trainer) or {}).get("global_step", 0))
 
 
 def _refuse_unvalidated(
@@ -682,7 +455,7 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
     module, hparams = load_classifier(ckpt_path)
     image_size = int(hparams["image_size"])
     if cfg.get("checkpoint_split"):
-        datamodule = _checkpoint_data(
+        datamodule = checkpoint_data(
             cfg, hparams, ckpt_path, cfg.data.get("root"), image_size=image_size
         )
         log.info("evaluating %s on the test split it was trained with", ckpt_path)
@@ -704,140 +477,18 @@ def _evaluate(cfg: DictConfig, output_dir: Path, record: RunRecord) -> float | N
     if cfg.get("checkpoint_split"):
         pool = datamodule
     elif trainer.is_global_zero:
-        pool = _training_pool(cfg, hparams, ckpt_path, image_size)
-        extra["copies_of_training_images"] = _copies_of_training_images(pool, datamodule)
+        pool = training_pool(cfg, hparams, ckpt_path, image_size)
+        extra["copies_of_training_images"] = copies_of_training_images(pool, datamodule)
     report = _print_report(trainer, output_dir, extra)
     if report:
         warn_if_one_class(f"the evaluated set {datamodule.root}", report["confusion_matrix"])
     score = report["metrics"]["balanced_accuracy"] if report else None
-    if trainer.is_global_zero and _measures_outside_pool(cfg, datamodule):
-        measurements = _measure_outside_pool(
+    if trainer.is_global_zero and measures_outside_pool(cfg, datamodule):
+        measurements = measure_outside_pool(
             cfg, module, datamodule, pool, loggers, output_dir, 0, trainer.strategy.root_device,
         )  # fmt: skip
         score = measurements.get(cfg.optimized_metric, score)
     return score
-
-
-def _training_pool(
-    cfg: DictConfig, hparams: dict[str, Any], ckpt_path: Path, image_size: int
-) -> ChestXrayDataModule | None:
-    """The data a checkpoint was trained on, split as it was, to look for its training images
-    among those it is evaluated on; None (the reason logged) where it cannot be rebuilt here."""
-    try:
-        pool = _checkpoint_data(
-            cfg,
-            hparams,
-            ckpt_path,
-            None,
-            image_size=image_size,
-            split_csv=None,
-            external_tests=None,
-        )
-        pool.setup("test")
-    except (ValueError, OSError) as reason:  # a check that cannot be made must not stop the eval
-        log.warning(
-            "not checked for images %s was trained or validated on (n/a in test_metrics.json): %s",
-            ckpt_path,
-            reason,
-        )
-        return None
-    return pool
-
-
-def _copies_of_training_images(
-    pool: ChestXrayDataModule | None, evaluated: ChestXrayDataModule
-) -> int | None:
-    """How many evaluated images are, pixel for pixel, ones the checkpoint was trained or
-    validated on (warned of); None without its training pool."""
-    if pool is None:
-        return None
-    if evaluated.splits is None:  # ddp_spawn set it up in its workers only
-        evaluated.setup("test")
-    copies = pool.copies_in_pool(evaluated, splits=("train", "val"))
-    if copies:
-        log.warning(
-            "%d of the %d evaluated images were in the training or validation split of the "
-            "checkpoint (pixel for pixel at %d px, e.g. %s = %s): its figures here overstate how it "
-            "does on X-rays it has not seen. Evaluate on its test split (--config-name shift) or on "
-            "other X-rays",
-            len(copies),
-            int((evaluated.splits == "test").sum()),
-            evaluated.image_size,
-            *copies[0],
-        )
-    return len(copies)
-
-
-def _checkpoint_data(
-    cfg: DictConfig, hparams: dict[str, Any], ckpt_path: Path, root: str | None, **settings: Any
-) -> ChestXrayDataModule:
-    """``cfg.data`` (with ``settings``) split as the checkpoint was trained, not yet set up.
-
-    ``root``: where that data lies now (None: where the checkpoint says). Compared before anything
-    is decoded: a wrong root is refused after a walk of its folders.
-
-    Raises:
-        CheckpointError: the checkpoint records no usable split, or its root holds no dataset.
-        SplitChangedError: the files below the root changed since.
-    """
-    datamodule: ChestXrayDataModule = instantiate(
-        cfg.data, **settings, **_checkpoint_split_settings(hparams, ckpt_path, root)
-    )
-    saved = {**hparams["split"], "root": str(datamodule.root)}
-    _check_rebuilt_split(saved, datamodule.split_settings(), ckpt_path)
-    return datamodule
-
-
-def _checkpoint_split_settings(
-    hparams: dict[str, Any], ckpt_path: Path, root: str | None
-) -> dict[str, Any]:
-    """The data settings that rebuild the split a checkpoint was trained on.
-
-    ``root``: where the data lies now (``data.root``); ``None``: where the checkpoint says it was
-    trained, if that folder looks like a dataset. The files below it must be the same ones.
-    """
-    split = hparams.get("split")
-    if not isinstance(split, dict):
-        raise CheckpointError(
-            f"{ckpt_path} records no split (it predates split records), so its test split cannot "
-            "be rebuilt; evaluate it on a folder instead: --config-name eval data.root=<folder>"
-        )
-    fractions = split.get("split_fractions")
-    valid = (
-        isinstance(split.get("root"), str)
-        and isinstance(split.get("seed"), int)
-        and split.get("group_by") in ("patient", "image")
-        and isinstance(fractions, list)
-        and len(fractions) == 3
-        and all(isinstance(f, int | float) and not isinstance(f, bool) for f in fractions)
-    )
-    if not valid:
-        raise CheckpointError(f"{ckpt_path} records a malformed split: {split!r}")
-    if root is None:
-        root = split["root"]
-        if not looks_like_a_dataset(Path(root)):
-            raise CheckpointError(
-                f"{ckpt_path} was trained on {root}, which holds no NORMAL or PNEUMONIA folder "
-                "now; pass data.root=<the folder the data lies in now>"
-            )
-    return {
-        "root": root,
-        "seed": split["seed"],
-        "split_fractions": fractions,
-        "group_by": split["group_by"],
-        "require_both_classes": True,
-    }
-
-
-def _check_rebuilt_split(saved: dict[str, Any], rebuilt: dict[str, Any], ckpt_path: Path) -> None:
-    changed = split_differences(saved, rebuilt)
-    if changed:
-        raise SplitChangedError(
-            f"the test split of {ckpt_path} cannot be rebuilt: its data changed ("
-            + "; ".join(changed)
-            + "). Restore the files it was trained on, or evaluate on a folder: "
-            "--config-name eval data.root=<folder>"
-        )
 
 
 def _print_report(
