@@ -51,6 +51,7 @@ from pneumonia.metrics.diagnostic import DiagnosticMetrics
 from pneumonia.metrics.evaluation import epoch_metrics_step, log_figure
 from pneumonia.metrics.operating_point import choose_threshold  # importing registers the rules
 from pneumonia.model import registry
+from pneumonia.model.modes import eval_mode
 from pneumonia.training import schedulers as _schedulers  # also registers the schedulers
 
 # The study's threshold: its table is always reported at it, whatever rule a run uses.
@@ -367,14 +368,8 @@ class XrayClassifier(L.LightningModule):
             ValueError: another shape, size, dtype or value range, saying what is expected.
         """
         batch = self._as_image_batch(images)
-        modes = [(module, module.training) for module in self.modules()]
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self.probabilities_from_logits(self(batch).double())
-        finally:
-            for module, training in modes:
-                module.training = training
+        with eval_mode(self), torch.no_grad():
+            return self.probabilities_from_logits(self(batch).double())
 
     def _as_image_batch(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(images, np.ndarray) and not images.flags.writeable:

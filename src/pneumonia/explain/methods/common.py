@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from pneumonia.model.modes import eval_mode
+
 DEFAULT_THRESHOLD = 0.5
 """The decision threshold of a classifier that stores none (a bare ``nn.Module``)."""
 
@@ -123,22 +125,6 @@ def check_feature_map(layer: str | None, output: object) -> None:
             f"layer {layer!r} outputs {shape}, not a (B, C, H, W) feature map; Grad-CAM needs a "
             "convolutional layer, e.g. leave layer unset for the network's own"
         )
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule of ``model`` in eval mode, then restore each one's own previous mode.
-
-    ``model.train(previous)`` would not do: it overwrites a mix of modes (e.g. a frozen, eval-mode
-    backbone inside a training model) with a single flag.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextmanager
