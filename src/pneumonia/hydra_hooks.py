@@ -136,7 +136,6 @@ def optuna_direction(metric: str) -> str:
 def register_resolvers() -> None:
     """Register the ``pneumonia.*`` resolvers the config tree uses, once."""
     from pneumonia.sweeps.optuna_study import remaining_trials, sampler_seed
-    from pneumonia.training.precision import cpu_precision
 
     if not OmegaConf.has_resolver("pneumonia.record_dir"):
         # Cached: Hydra reads hydra.output_subdir twice and must get one folder both times.
@@ -153,7 +152,15 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pneumonia.optuna_direction"):
         OmegaConf.register_new_resolver("pneumonia.optuna_direction", optuna_direction)
     if not OmegaConf.has_resolver("pneumonia.cpu_precision"):
-        OmegaConf.register_new_resolver("pneumonia.cpu_precision", cpu_precision, use_cache=True)
+        OmegaConf.register_new_resolver("pneumonia.cpu_precision", _cpu_precision, use_cache=True)
+
+
+def _cpu_precision() -> str:
+    # Imported when a config asks: torch takes seconds to import, and `python -m pneumonia.compare`
+    # (which imports this module) should answer in one.
+    from pneumonia.training.precision import cpu_precision
+
+    return cpu_precision()
 
 
 register_resolvers()

@@ -33,7 +33,9 @@ def test_fractions_and_class_ratio_hold_in_every_split(real):
     for name, fraction in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
         members = splits == name
         assert members.mean() == pytest.approx(fraction, abs=0.01)
-        assert labels[members].mean() == pytest.approx(overall, abs=0.02)
+        # Stratified: within 0.005 of the whole (0.0016 here); patients dealt from one shuffled
+        # list miss by 0.016, which 0.02 let pass.
+        assert labels[members].mean() == pytest.approx(overall, abs=0.005)
 
 
 def test_split_is_deterministic_and_seeded(real):

@@ -50,6 +50,7 @@ def test_trust_report_is_printed_and_saved(explained):
         "guided_backprop",
         "saliency",
     }
+    assert set(report["sanity"]) == set(report["ms_per_image"])  # the loop below runs for each
     for steps in report["sanity"].values():
         # 3 convolutions + 2 linear layers, top first
         assert [s["randomized_through"] for s in steps][:2] == [

@@ -52,18 +52,20 @@ def test_nll_matches_torch():
 
 
 @pytest.mark.parametrize(
-    ("logits", "targets"),
+    ("logits", "targets", "reason"),
     [
-        ([1.0, 2.0, -1.0], [1, 1, 1]),
-        ([1.0, 2.0, -1.0], [0, 0, 0]),
-        ([0.3], [1]),
-        ([], []),
-        ([1.0, float("inf"), -1.0], [1, 0, 1]),
-        ([1.0, float("nan"), -1.0], [1, 0, 1]),
+        ([1.0, 2.0, -1.0], [1, 1, 1], "one class"),
+        ([1.0, 2.0, -1.0], [0, 0, 0], "one class"),
+        ([0.3], [1], "1 validation sample"),
+        ([], [], "0 validation sample"),
+        ([1.0, float("inf"), -1.0], [1, 0, 1], "not finite"),
+        ([1.0, float("nan"), -1.0], [1, 0, 1], "not finite"),
     ],
 )
-def test_unfittable_data_leave_temperature_one(logits, targets):
+def test_unfittable_data_leave_temperature_one_and_say_why(logits, targets, reason, caplog):
+    # Said why: a NaN loss also ends at T = 1 (it is never "better"), for no stated reason.
     assert fit_temperature(torch.tensor(logits), torch.tensor(targets)) == 1.0
+    assert "temperature scaling left at T = 1: " in caplog.text and reason in caplog.text
 
 
 def test_separable_data_stop_at_the_lower_bound():

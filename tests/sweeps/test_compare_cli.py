@@ -96,14 +96,19 @@ def test_runs_as_a_module_without_importing_matplotlib_until_it_draws(runs):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# Runs in")
-    # The callback is unpickled into every launcher process: it must stay cheap to import.
+    # The callback is unpickled into every launcher process, and the CLI should answer in a
+    # second: neither may import torch (seconds) or matplotlib. The CLI imported torch through the
+    # config resolvers.
     probe = (
-        "import pickle, sys; from pneumonia.sweeps.callback import SummarizeSweep; "
+        "import pickle, sys; import pneumonia.compare, pneumonia.sweeps.summary; "
+        "from pneumonia.sweeps.callback import SummarizeSweep; "
         "c = pickle.loads(pickle.dumps(SummarizeSweep(metric='val/auroc'))); "
         "assert c.metric == 'val/auroc'; "
-        "assert not [m for m in ('matplotlib', 'torch') if m in sys.modules], sys.modules.keys()"
+        "heavy = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
+        "assert not heavy, heavy"
     )
-    subprocess.run([sys.executable, "-c", probe], check=True)
+    probed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert probed.returncode == 0, probed.stderr
 
 
 def test_the_callback_summarises_the_sweep_folder(runs, caplog):
@@ -167,17 +172,20 @@ def test_the_callback_never_raises(tmp_path, caplog, monkeypatch):
 
 
 def test_after_a_single_run_the_callback_writes_nothing(tmp_path):
+    # A sweep folder that holds runs, so only the single-run check can keep it from summarising.
+    write_run(tmp_path / "multiruns" / "x" / "0", score=0.8)
     write_run(tmp_path / "runs" / "one", score=0.9)
-    config = OmegaConf.create(
-        {
-            "hydra": {
-                "sweep": {"dir": str(tmp_path / "multiruns" / "x")},
-                "runtime": {"output_dir": str(tmp_path / "runs" / "one")},
-            }
-        }
-    )
-    SummarizeSweep().on_job_end(config, job_return=None)
+
+    def job_end(output_dir: Path) -> None:
+        sweep = {"dir": str(tmp_path / "multiruns" / "x")}
+        runtime = {"output_dir": str(output_dir)}
+        config = OmegaConf.create({"hydra": {"sweep": sweep, "runtime": runtime}})
+        SummarizeSweep().on_job_end(config, job_return=None)
+
+    job_end(tmp_path / "runs" / "one")
     assert not list(tmp_path.rglob(SUMMARY_MD))
+    job_end(tmp_path / "multiruns" / "x" / "0")  # a sweep's job: summarised
+    assert (tmp_path / "multiruns" / "x" / SUMMARY_MD).is_file()
 
 
 APP = """

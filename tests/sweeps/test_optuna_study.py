@@ -40,11 +40,13 @@ def test_finished_trials_count_and_a_killed_one_is_closed(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
     study.tell(study.ask(), 0.5)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)  # finished too
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # to run again
     study.ask()  # left RUNNING by a killed search
-    assert remaining_trials(storage, "s", 5) == 4 and sampler_seed(storage, "s", 42) == 44
+    assert remaining_trials(storage, "s", 5) == 3 and sampler_seed(storage, "s", 42) == 46
     prepare_study(_config(tmp_path / "sweep", storage))
     states = [t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials]
-    assert states == ["COMPLETE", "FAIL"]
+    assert states == ["COMPLETE", "PRUNED", "FAIL", "FAIL"]
 
 
 def test_a_second_search_of_a_running_study_is_refused(tmp_path):

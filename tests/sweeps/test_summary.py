@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pneumonia.sweeps import summary as summary_module
 from pneumonia.sweeps.figures import swept_value_figure, uses_log_axis
 from pneumonia.sweeps.summary import (
     READ_METRICS,
@@ -325,7 +326,11 @@ def test_overrides_come_from_the_original_hydra_record_not_a_rerun(tmp_path):
     del record["overrides"]
     (folder / "run_status.json").write_text(json.dumps(record))
     write_hydra_record(folder, ["optimizer=sgd", "run_dir=/somewhere", "~callbacks.x"])
-    write_hydra_record(folder / ".hydra" / "rerun-2026", ["optimizer=adam"])
+    # Where a rerun writes its record (hydra_hooks.record_dir): .hydra/rerun-<time>/, no .hydra
+    rerun = folder / ".hydra" / "rerun-2026-01-01_10-00-00-000000"
+    rerun.mkdir()
+    (rerun / "overrides.yaml").write_text("- optimizer=adam\n")
+    (rerun / "config.yaml").write_text("seed: 1\noptimized_metric: val/auroc\n")
     assert read_run(folder, tmp_path).overrides == {"optimizer": "sgd", "callbacks.x": "(deleted)"}
 
 
@@ -470,11 +475,19 @@ def test_figures_of_a_narrow_numeric_range_are_linear_and_nothing_swept_draws_no
     assert "## Figures" not in (tmp_path / SUMMARY_MD).read_text()
 
 
-def test_files_are_replaced_whole_and_stale_figures_removed(sweep):
+def test_files_are_replaced_whole_and_stale_figures_removed(sweep, monkeypatch):
     summarize(sweep)
     (sweep / "summary_gone.png").write_bytes(b"old")
+    written_whole = []
+    real_write_atomic = summary_module.write_atomic
+    monkeypatch.setattr(
+        summary_module,
+        "write_atomic",
+        lambda path, text: written_whole.append(Path(path).name) or real_write_atomic(path, text),
+    )
     summarize(sweep, output=sweep)
     assert not (sweep / "summary_gone.png").exists()
+    assert sorted(written_whole) == sorted([SUMMARY_CSV, SEED_CSV, SUMMARY_MD])
     assert not [p for p in sweep.iterdir() if p.name.endswith(".partial")]
 
 

@@ -22,7 +22,13 @@ def test_a_torch_without_the_checks_keeps_full_precision(monkeypatch):
     assert precision.cpu_precision() == "32-true"
 
 
-def test_the_cpu_trainer_asks_for_it_and_a_run_can_pin_full_precision(compose_config):
-    cfg = compose_config("trainer=cpu")
-    assert cfg.trainer.precision == precision.cpu_precision()
-    assert compose_config("trainer.precision=32-true").trainer.precision == "32-true"
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_cpu_trainer_asks_for_it_and_a_run_can_pin_full_precision(
+    compose_config, monkeypatch, native_bf16
+):
+    # On either kind of CPU: on this one's kind alone, the pin compared a value with itself.
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
+    expected = "bf16-mixed" if native_bf16 else "32-true"
+    assert compose_config("trainer=cpu").trainer.precision == expected
+    pinned = compose_config("trainer=cpu", "trainer.precision=32-true")
+    assert pinned.trainer.precision == "32-true"
