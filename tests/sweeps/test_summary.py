@@ -43,6 +43,12 @@ def write_run(
     test: dict | None = None,
     external: dict | None = None,
     shift: float | None = None,
+    shift_sets: tuple[tuple[str, int], ...] = (
+        ("blur", 1),
+        ("blur", 2),
+        ("noise", 1),
+        ("noise", 2),
+    ),
 ) -> Path:
     """A run folder as the training code leaves it (``status=None``: an older run, no record)."""
     folder.mkdir(parents=True)
@@ -74,7 +80,8 @@ def write_run(
                 for name, metrics in external.items()
             }
         if shift is not None:
-            report["shift_suite"] = {"threshold": 0.5, "score": shift, "clean": {}, "rows": []}
+            rows = [{"perturbation": name, "severity": level} for name, level in shift_sets]
+            report["shift_suite"] = {"threshold": 0.5, "score": shift, "clean": {}, "rows": rows}
         (folder / "test_metrics.json").write_text(json.dumps(report))
     return folder
 
@@ -332,6 +339,29 @@ def test_overrides_come_from_the_original_hydra_record_not_a_rerun(tmp_path):
     (rerun / "overrides.yaml").write_text("- optimizer=adam\n")
     (rerun / "config.yaml").write_text("seed: 1\noptimized_metric: val/auroc\n")
     assert read_run(folder, tmp_path).overrides == {"optimizer": "sgd", "callbacks.x": "(deleted)"}
+
+
+def test_robustness_scores_of_different_shift_suites_are_said_not_to_compare(tmp_path):
+    # A suite of two perturbations scores far higher than the full one: ranked side by side
+    # without a word, the easier suite looked like the more robust model.
+    write_run(tmp_path / "full", score=0.9, shift=0.80)
+    write_run(tmp_path / "full_too", score=0.8, shift=0.78)
+    write_run(tmp_path / "easy", score=0.85, shift=0.95, shift_sets=(("blur", 1), ("blur", 2)))
+    write_run(tmp_path / "gappy", score=0.7, shift=0.9, shift_sets=(("blur", 1), ("noise", 2)))
+    summary = summarize(tmp_path)
+    assert [run.shift_suite for run in summary.runs] == [
+        "blur, noise at severities 1, 2",
+        "blur at severities 1, 2",
+        "blur, noise at severities 1, 2",
+        "blur, noise at severities 1, 2 (2 of 4 sets)",
+    ]
+    [note] = [note for note in summary.notes if "shift suites" in note]
+    assert "`full`, `full_too`" in note and "`easy`" in note and "(2 of 4 sets) (`gappy`)" in note
+    assert note in (tmp_path / SUMMARY_MD).read_text()
+    # One suite in every run: nothing to say.
+    for folder in ("easy", "gappy"):
+        (tmp_path / folder / "test_metrics.json").unlink()
+    assert not [note for note in summarize(tmp_path).notes if "shift suites" in note]
 
 
 def test_parse_override_strips_the_prefixes_and_keeps_the_value_as_written():

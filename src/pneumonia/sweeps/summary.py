@@ -265,6 +265,8 @@ class Run:
         optimized_metric, mode, recorded_score: what the sweeper optimised, and what it got.
         values: every metric found, by column name: ``val_best/<m>``, ``val_last/<m>``,
             ``test/<m>``, ``external/<set>/<m>``, ``shift/robustness``.
+        shift_suite: the perturbed sets ``shift/robustness`` averages over, in words (``None``
+            where the run has no shift suite or its rows cannot be read).
     """
 
     folder: str
@@ -277,6 +279,7 @@ class Run:
     epochs: int | None = None
     wall_time_s: float | None = None
     values: dict[str, float] = field(default_factory=dict)
+    shift_suite: str | None = None
 
     def value(self, metric: str) -> float | None:
         """``metric``'s value for this run: the score the sweeper got when ``metric`` is the one it
@@ -345,7 +348,9 @@ def read_run(folder: str | Path, root: str | Path | None = None) -> Run:
             run.values.update(_validation_values(last, "val_last"))
             if run.epochs is None:
                 run.epochs = epochs
-    run.values.update(_test_values(folder / TEST_METRICS_FILE))
+    report, _ = _read_json(folder / TEST_METRICS_FILE)
+    run.values.update(_test_values(report))
+    run.shift_suite = _shift_suite(report)
     return run
 
 
@@ -415,9 +420,8 @@ def _validation_from_csv(
     return by_epoch[best_epoch], by_epoch[last_epoch], last_epoch + 1
 
 
-def _test_values(path: Path) -> dict[str, float]:
-    """``test/*``, ``external/<set>/*`` and ``shift/robustness`` from ``test_metrics.json``."""
-    report, _ = _read_json(path)
+def _test_values(report: dict[str, Any] | None) -> dict[str, float]:
+    """``test/*``, ``external/<set>/*`` and ``shift/robustness`` of ``test_metrics.json``."""
     if report is None:
         return {}
     values: dict[str, float] = {}
@@ -439,6 +443,44 @@ def _test_values(path: Path) -> dict[str, float]:
     if isinstance(shift, dict) and (score := _number(shift.get("score"))) is not None:
         values["shift/robustness"] = score
     return values
+
+
+def _shift_suite(report: dict[str, Any] | None) -> str | None:
+    """The perturbed sets of a run's shift suite, in words: ``"blur, contrast at severities 1,
+    2, 3"`` (``"..., 3 of 27 sets differ"`` for a suite that is no full grid)."""
+    shift = report.get("shift_suite") if isinstance(report, dict) else None
+    rows = shift.get("rows") if isinstance(shift, dict) else None
+    if not isinstance(rows, list) or not rows:
+        return None
+    try:
+        sets = {(str(row["perturbation"]), int(row["severity"])) for row in rows}
+    except (KeyError, TypeError, ValueError):
+        return None
+    names = sorted({name for name, _ in sets})
+    severities = sorted({severity for _, severity in sets})
+    text = f"{', '.join(names)} at severities {', '.join(map(str, severities))}"
+    missing = len(names) * len(severities) - len(sets)
+    return text if not missing else f"{text} ({len(sets)} of {len(names) * len(severities)} sets)"
+
+
+def _shift_suite_note(runs: Sequence[Run]) -> str | None:
+    """A note when the runs' ``shift/robustness`` averages over different perturbed sets."""
+    suites: dict[str, list[str]] = {}
+    for run in runs:
+        if run.shift_suite is not None and "shift/robustness" in run.values:
+            suites.setdefault(run.shift_suite, []).append(run.folder)
+    if len(suites) < 2:
+        return None
+    described = "; ".join(
+        f"{suite} ({', '.join(f'`{folder}`' for folder in folders[:3])}"
+        f"{f' and {len(folders) - 3} more' if len(folders) > 3 else ''})"
+        for suite, folders in suites.items()
+    )
+    return (
+        "`shift/robustness` averages over different shift suites in these runs, so its values "
+        f"do not compare: {described}. Rerun the shift suite with one set of perturbations and "
+        "severities (python train.py --config-name shift ckpt_path=<run>)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +746,8 @@ def build_summary(
     if mode not in MODES:
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
 
+    if (shift_note := _shift_suite_note(runs)) is not None:
+        notes.append(shift_note)
     sign = -1.0 if mode == "max" else 1.0
 
     def rank(run: Run) -> tuple:
