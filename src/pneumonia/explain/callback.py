@@ -39,7 +39,7 @@ class AttributionMapsCallback(Callback):
     The images are chosen once, half of each class, in the validation set's order, so figures of
     successive epochs are directly comparable. Each time it writes one grid (X-ray, signed map,
     overlay, with label and predicted probability) to TensorBoard under ``explanations/<method>``
-    and as ``<dirpath>/val_epoch<NNN>.png`` (after each validation; ``val_epoch<NNN>_step<NNNNNN>.png``
+    and as ``<dirpath>/val_epoch<NNN>.png`` (after each validation; ``val_epoch<NNN>_batch<NNNNNN>.png``
     for one inside an epoch, as ``val_check_interval`` < 1 runs; ``test.png`` for the weights under
     test, titled with their checkpoint). It runs under ``trainer.fit`` (after validation),
     ``trainer.validate`` and ``trainer.test``; under DDP rank zero alone computes and writes.
@@ -118,15 +118,14 @@ class AttributionMapsCallback(Callback):
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        within_epoch = trainer.state.fn == "fit" and not _epoch_ends(trainer)
-        self._draw(trainer, pl_module, "val", within_epoch=within_epoch)
+        batch = _batches_into_epoch(trainer) if trainer.state.fn == "fit" else None
+        self._draw(trainer, pl_module, "val", batch=batch)
         if trainer.state.fn == "fit":
             self._last_fit_grid = {
                 "epoch": trainer.current_epoch,
                 "step": epoch_metrics_step(trainer),
                 "global_step": trainer.global_step,
                 "folder": str(self.dirpath.resolve()) if self.dirpath else "",
-                "within_epoch": within_epoch,
             }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,9 +144,10 @@ class AttributionMapsCallback(Callback):
         if grid["folder"] != str(self.dirpath.resolve()):
             return  # resumed into another run folder: nothing of this one was lost
         # Rank zero's answer for every rank: all of them must reach _draw's barrier, or none.
-        name = _grid_name(
-            "val", grid["epoch"], grid["global_step"] if grid["within_epoch"] else None
-        )
+        # Not recorded but restored with the loops: a checkpoint saved inside an epoch resumes in
+        # that epoch, after as many batches as its grid was drawn after.
+        batch = _restored_batches(trainer) if grid["epoch"] == trainer.current_epoch else None
+        name = _grid_name("val", grid["epoch"], batch)
         drawn = trainer.strategy.broadcast((self.dirpath / name).exists())
         if drawn:
             return  # written after TensorBoard's copy (see _publish): both are there
@@ -161,7 +161,7 @@ class AttributionMapsCallback(Callback):
                 "val",
                 epoch=grid["epoch"],
                 step=grid["step"],
-                within_epoch=grid["within_epoch"],
+                batch=batch,
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,8 +178,6 @@ class AttributionMapsCallback(Callback):
             self._resumed_grid = {
                 **{key: int(grid[key]) for key in counts},
                 "folder": grid["folder"],
-                # Absent from checkpoints of before val_check_interval < 1 was told apart.
-                "within_epoch": grid.get("within_epoch") is True,
             }
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -192,7 +190,7 @@ class AttributionMapsCallback(Callback):
         stage: str,
         epoch: int | None = None,
         step: int | None = None,
-        within_epoch: bool = False,
+        batch: int | None = None,
     ) -> None:
         if trainer.is_global_zero:
             self._draw_on_rank_zero(
@@ -201,8 +199,7 @@ class AttributionMapsCallback(Callback):
                 stage,
                 trainer.current_epoch if epoch is None else epoch,
                 epoch_metrics_step(trainer) if step is None else step,
-                # Validations inside an epoch (val_check_interval < 1) each get their own PNG.
-                trainer.global_step if within_epoch else None,
+                batch,
             )
         # Other ranks wait here rather than run ahead: with ddp_spawn on gloo, a rank that reached
         # the end of fit while rank zero was still attributing aborted at exit ("terminate called
@@ -250,7 +247,7 @@ class AttributionMapsCallback(Callback):
         stage: str,
         epoch: int,
         step: int,
-        global_step: int | None,
+        batch: int | None,
     ) -> None:
         start = time.perf_counter()
         self._wait_for_writes()  # at most one grid in flight
@@ -284,7 +281,7 @@ class AttributionMapsCallback(Callback):
             else decision_threshold(pl_module),
             "stage": stage,
             "epoch": epoch,
-            "global_step": global_step,  # None after a whole epoch
+            "batch": batch,  # training batches into the epoch; None after a whole epoch
             # The test runs on the best checkpoint's weights, not on the last epoch's.
             "weights": Path(trainer.ckpt_path).name if trainer.ckpt_path else "the final weights",
             "step": step,  # that of the epoch's metrics, which a resume's purge keeps
@@ -305,8 +302,7 @@ class AttributionMapsCallback(Callback):
         job["probabilities"] = job["probabilities"].cpu().tolist()
         job["threshold"] = float(job["threshold"])
         when = (
-            f"epoch {job['epoch']}"
-            + ("" if job["global_step"] is None else f", step {job['global_step']}")
+            f"epoch {job['epoch']}" + ("" if job["batch"] is None else f", batch {job['batch']}")
             if job["stage"] == "val"
             else f"tested weights: {job['weights']}"
         )
@@ -329,7 +325,7 @@ class AttributionMapsCallback(Callback):
         if self.dirpath is not None:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             # Whole or absent: a kill while the grid is written leaves no empty PNG behind.
-            name = _grid_name(job["stage"], job["epoch"], job["global_step"])
+            name = _grid_name(job["stage"], job["epoch"], job["batch"])
             with written_aside(self.dirpath / name) as partial:
                 Image.fromarray(grid).save(partial, format="PNG")
             self.background_seconds.append(time.perf_counter() - start)
@@ -373,24 +369,30 @@ class AttributionMapsCallback(Callback):
         return self._attribute
 
 
-def _grid_name(stage: str, epoch: int, global_step: int | None = None) -> str:
-    """``val_epoch<NNN>.png`` after an epoch, ``val_epoch<NNN>_step<NNNNNN>.png`` after a validation
-    inside one (named by the optimiser steps taken), ``test.png``."""
+def _grid_name(stage: str, epoch: int, batch: int | None = None) -> str:
+    """``val_epoch<NNN>.png`` after an epoch, ``val_epoch<NNN>_batch<NNNNNN>.png`` after a
+    validation ``batch`` training batches into one, ``test.png``.
+
+    Batches, not optimiser steps: with ``accumulate_grad_batches`` two validations can fall
+    between the same two steps.
+    """
     if stage != "val":
         return "test.png"
-    return (
-        f"val_epoch{epoch:03d}.png"
-        if global_step is None
-        else (f"val_epoch{epoch:03d}_step{global_step:06d}.png")
-    )
+    return f"val_epoch{epoch:03d}" + ("" if batch is None else f"_batch{batch:06d}") + ".png"
 
 
-def _epoch_ends(trainer: L.Trainer) -> bool:
-    """Whether the fit's validation running now is the one at the end of a training epoch (the
-    test Lightning's training epoch loop makes before it ends the epoch), not one that
-    ``val_check_interval`` or an early stop started inside it."""
+def _batches_into_epoch(trainer: L.Trainer) -> int | None:
+    """The training batches of this epoch done before the fit's validation running now; None for
+    the validation that ends the epoch (the test Lightning's training epoch loop makes before it
+    ends one), as opposed to one that ``val_check_interval`` or an early stop started inside it."""
     progress = trainer.fit_loop.epoch_loop.batch_progress
-    return progress.is_last_batch or progress.current.ready == trainer.num_training_batches
+    done = progress.current.ready
+    return None if progress.is_last_batch or done == trainer.num_training_batches else done
+
+
+def _restored_batches(trainer: L.Trainer) -> int:
+    """The batches into its epoch a checkpoint saved inside one was saved after (resumed)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
 
 def _drawn_before(grid: dict[str, Any], trainer: L.Trainer) -> bool:
