@@ -70,6 +70,11 @@ def save_figure(figure: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
     return path
 
 
+def is_side_file(name: str) -> bool:
+    """Whether ``name`` is that of a side file of :func:`written_aside` (``.<name>.<pid>.partial``)."""
+    return _SIDE_FILE.fullmatch(name) is not None
+
+
 def remove_stale_side_files(folder: str | Path, target: str | None = None) -> list[Path]:
     """Remove the side files of :func:`written_aside` that processes killed outright left in
     ``folder`` and the folders in it (only those of the file named ``target`` in ``folder``, if

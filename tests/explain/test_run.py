@@ -9,7 +9,7 @@ import torch
 
 from pneumonia.errors import CheckpointError, RunFolderBusyError
 from pneumonia.explain.inputs import ImageToExplain
-from pneumonia.explain.run import explain_checkpoint, load_pixels
+from pneumonia.explain.run import UNFINISHED, explain_checkpoint, load_pixels
 from tests.conftest import run_folder_held_elsewhere
 
 
@@ -38,12 +38,33 @@ def test_a_stopped_explanations_files_are_removed_and_it_is_explained_again(
     # They were refused like a finished explanation's: a run killed while drawing its figures
     # could not be run again in its folder.
     cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
-    names = ["summary.png", "attributions.npz", "figures/0522_x.png"]
-    run = _folder_holding(tmp_path, *names, "notes.txt")
+    names = [
+        "summary.png",
+        "attributions.npz",
+        "figures/0522_x.png",
+        "figures/.0523_y.png.1.partial",
+    ]
+    run = _folder_holding(tmp_path, *names, UNFINISHED, "notes.txt")
     with pytest.raises(CheckpointError, match="missing.ckpt"):  # past the folder's checks
         explain_checkpoint(cfg)
     assert not any((run / name).exists() for name in names) and (run / "notes.txt").is_file()
     assert "stopped before it finished" in caplog.text
+    assert (run / UNFINISHED).is_file()  # this one failed too: a rerun may clear it again
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["figures/2023_loss_curve.png", "figures/2024_results.png"], ["summary.png"]],
+)
+def test_files_by_explains_names_that_no_explanation_left_are_refused_not_removed(
+    compose_config, tmp_path, names
+):
+    # A user's 2023_loss_curve.png passed for a stopped explanation's figure and was deleted.
+    cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
+    run = _folder_holding(tmp_path, *names, text="the user's")
+    with pytest.raises(FileExistsError, match=r"no explanation left unfinished there .*run_dir="):
+        explain_checkpoint(cfg)
+    assert all((run / name).read_text() == "the user's" for name in names)
 
 
 @pytest.mark.parametrize("stranger", ["figures/notes.txt", "figures/0001_x.png/"])
@@ -51,12 +72,29 @@ def test_files_explain_did_not_write_among_its_figures_are_refused_not_removed(
     compose_config, tmp_path, stranger
 ):
     cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
-    run = _folder_holding(tmp_path, "summary.png")
+    run = _folder_holding(tmp_path, "summary.png", UNFINISHED)
     path = run / stranger
     path.mkdir() if stranger.endswith("/") else path.write_text("the user's")
     with pytest.raises(FileExistsError, match=rf"{path.name} is not a figure of explain.py"):
         explain_checkpoint(cfg)
     assert path.exists() and (run / "summary.png").is_file()
+
+
+@pytest.mark.parametrize("target", ["another explanation's figures", "nothing"])
+def test_a_figures_folder_that_is_a_symbolic_link_is_refused(compose_config, tmp_path, target):
+    # Through it, another (finished) explanation's figures were removed and replaced.
+    cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
+    other = tmp_path / "other" / "figures"
+    if target != "nothing":
+        other.mkdir(parents=True)
+        (other / "0000_a.png").write_text("of the other explanation")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / UNFINISHED).write_text("{}")
+    (run / "figures").symlink_to(other, target_is_directory=True)
+    with pytest.raises(FileExistsError, match=r"figures is a symbolic link.*run_dir="):
+        explain_checkpoint(cfg)
+    assert target == "nothing" or (other / "0000_a.png").is_file()
 
 
 def test_a_folder_another_process_explains_in_is_refused(compose_config, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pneumonia import CLASS_NAMES
+from pneumonia.explain.run import UNFINISHED
 from tests.integration.conftest import explain
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,7 @@ def test_a_folder_an_explanation_was_stopped_in_is_explained_again(
 ):
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
-    for stopped in ("summary.png", "attributions.npz", "figures/0007_old.png"):
+    for stopped in ("summary.png", "attributions.npz", "figures/0007_old.png", UNFINISHED):
         (out / stopped).write_bytes(b"cut short by a kill")  # and no trust.json
     image = sorted((originals_root / "NORMAL").iterdir())[0]
     result = explain(
@@ -110,6 +111,7 @@ def test_a_folder_an_explanation_was_stopped_in_is_explained_again(
     assert [p.name for p in (out / "figures").iterdir()] == [f"0000_{image.stem}.png"]
     assert np.load(out / "attributions.npz")["images"].shape[0] == 1
     assert json.loads((out / "trust.json").read_text())["images"] == 1
+    assert not (out / UNFINISHED).exists()
 
 
 def test_a_foreign_checkpoint_is_refused_clearly(cache_dir, tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -39,7 +42,7 @@ from pneumonia.explain.trust.regions import (
     summarize_by_class,
 )
 from pneumonia.explain.trust.sanity import cascading_randomization
-from pneumonia.files import save_figure, write_atomic, written_aside
+from pneumonia.files import is_side_file, save_figure, write_atomic, written_aside
 from pneumonia.metrics.report import to_json
 from pneumonia.training.checkpoints import load_classifier, resolve_checkpoint
 from pneumonia.training.status import hold_run_folder
@@ -81,47 +84,70 @@ def load_pixels(
     return np.stack(pixels), kept, failures
 
 
-# What explain.py writes into its folder (besides Hydra's record and its log); trust.json last,
-# so a folder without it holds an explanation that was stopped.
+# What explain.py writes into its folder (besides Hydra's record and its log); trust.json last.
 OUTPUTS = ("figures", "summary.png", "attributions.npz", "trust.json")
 FINISHED = "trust.json"
+# Written before any output and removed after trust.json: a folder holding it holds the files of
+# an explanation that was stopped (killed, or failed), which a new one may remove.
+UNFINISHED = ".explain_unfinished"
 FIGURE_NAME = re.compile(r"[0-9]{4,}_.*\.png", re.DOTALL)
 
 
 def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``).
 
-    Every file is written whole (a kill leaves the old file or none), and a folder an explanation
-    was stopped in (its files without ``trust.json``) is explained again: the stopped run's files
-    are removed first, so none of them mixes with this one's.
+    Every file is written whole (a kill leaves the old file or none). A folder an explanation was
+    stopped in (killed, or failed) is explained again: the stopped run's files are removed first,
+    so none of them mixes with this one's.
 
     Raises:
         RunFolderBusyError: another process works in the folder.
         FileExistsError: the folder holds a finished explanation, which this one's files would
-            mix with (figures of other images or another checkpoint beside the new ones), or files
-            explain.py did not write where it writes its own.
+            mix with (figures of other images or another checkpoint beside the new ones), or
+            files by those names that no explanation left unfinished (a user's), or its
+            ``figures`` is a symbolic link.
     """
     check_explain_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with hold_run_folder(output_dir):
         _clear_stopped_explanation(output_dir)
-        return _explain(cfg, output_dir)
+        started = {"pid": os.getpid(), "started": datetime.datetime.now().isoformat()}
+        write_atomic(output_dir / UNFINISHED, json.dumps(started) + "\n")
+        report = _explain(cfg, output_dir)
+        (output_dir / UNFINISHED).unlink()
+        return report
 
 
 def _clear_stopped_explanation(output_dir: Path) -> None:
-    """Refuse a folder holding a finished explanation; remove the files of a stopped one."""
+    """Refuse a folder holding a finished explanation or files explain.py did not leave; remove
+    the files of a stopped explanation."""
+    figure_dir = output_dir / "figures"
+    if figure_dir.is_symlink():  # a new explanation would write, or remove, another folder's files
+        raise FileExistsError(
+            f"{figure_dir} is a symbolic link; explain.py writes its figures into a folder of its "
+            "own. Pass another run_dir=<folder>, or remove the link"
+        )
     earlier = [name for name in OUTPUTS if (output_dir / name).exists()]
-    if not earlier:
-        return
     if FINISHED in earlier:
         raise FileExistsError(
             f"{output_dir} already holds an explanation ({', '.join(earlier)}); this one's files "
             "would mix with it. Pass another run_dir=<folder>, or delete those first"
         )
-    figure_dir = output_dir / "figures"
+    if not earlier:
+        return
+    if not (output_dir / UNFINISHED).is_file():
+        raise FileExistsError(
+            f"{output_dir} holds {', '.join(earlier)}, which no explanation left unfinished there "
+            f"(no {UNFINISHED}); explain.py would replace them. Pass another run_dir=<folder>, or "
+            "move them"
+        )
     figures = list(figure_dir.iterdir()) if figure_dir.is_dir() else []
-    strangers = [f for f in figures if not (FIGURE_NAME.fullmatch(f.name) and f.is_file())]
+    strangers = [
+        path
+        for path in figures
+        if not (FIGURE_NAME.fullmatch(path.name) or is_side_file(path.name)) or path.is_dir()
+    ]
     if strangers or (figure_dir.exists() and not figure_dir.is_dir()):
         raise FileExistsError(
             f"{strangers[0] if strangers else figure_dir} is not a figure of explain.py, where "
