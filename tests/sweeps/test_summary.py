@@ -12,6 +12,7 @@ import pytest
 
 from pneumonia.sweeps import summary as summary_module
 from pneumonia.sweeps.figures import swept_value_figure, uses_log_axis
+from pneumonia.sweeps.runs import find_run_folders, parse_override, read_run
 from pneumonia.sweeps.summary import (
     READ_METRICS,
     SEED_CSV,
@@ -19,9 +20,6 @@ from pneumonia.sweeps.summary import (
     SUMMARY_MD,
     UnknownMetricError,
     build_summary,
-    find_run_folders,
-    parse_override,
-    read_run,
     summarize,
 )
 
