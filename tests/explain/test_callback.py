@@ -235,9 +235,9 @@ def test_a_resume_redraws_a_lost_grid_of_a_validation_inside_an_epoch(
         datamodule, module, callback, _ = _setup(small_root, cache_dir, tmp_path)
         checkpoints = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
         trainer = L.Trainer(
-            max_epochs=1, limit_train_batches=2, val_check_interval=0.5, logger=False,
-            callbacks=[callback, checkpoints], enable_progress_bar=False,
-            enable_model_summary=False, **limits,
+            **{"max_epochs": 1, **limits}, limit_train_batches=2, val_check_interval=0.5,
+            logger=False, callbacks=[callback, checkpoints], enable_progress_bar=False,
+            enable_model_summary=False,
         )  # fmt: skip
         return datamodule, module, callback, trainer
 
@@ -249,7 +249,19 @@ def test_a_resume_redraws_a_lost_grid_of_a_validation_inside_an_epoch(
     datamodule, module, callback, trainer = resumable()
     trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert grid.read_bytes() == drawn and len(callback.seconds) == 2  # redrawn, then the end
-    assert (tmp_path / "maps" / "val_epoch000.png").is_file()
+
+    # The epoch's last validation saves its checkpoint before the epoch ends too (any
+    # val_check_interval but 1.0): its lost grid came back as val_epoch000_batch000002.png.
+    end_of_epoch = tmp_path / "maps" / "val_epoch000.png"
+    drawn = end_of_epoch.read_bytes()
+    end_of_epoch.unlink()
+    datamodule, module, callback, trainer = resumable(max_epochs=2)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert end_of_epoch.read_bytes() == drawn
+    assert sorted(p.name for p in (tmp_path / "maps").glob("val_epoch000*.png")) == [
+        "val_epoch000.png",
+        "val_epoch000_batch000001.png",
+    ]
 
 
 def test_every_n_epochs(small_root, cache_dir, tmp_path):

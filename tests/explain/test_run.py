@@ -67,17 +67,35 @@ def test_files_by_explains_names_that_no_explanation_left_are_refused_not_remove
     assert all((run / name).read_text() == "the user's" for name in names)
 
 
-@pytest.mark.parametrize("stranger", ["figures/notes.txt", "figures/0001_x.png/"])
-def test_files_explain_did_not_write_among_its_figures_are_refused_not_removed(
+@pytest.mark.parametrize(
+    "stranger",
+    ["figures/notes.txt", "figures/0001_x.png/", "attributions.npz/", "summary.png/", "figures"],
+)
+def test_files_explain_did_not_write_where_it_writes_are_refused_before_anything_is_removed(
     compose_config, tmp_path, stranger
 ):
+    # A folder named attributions.npz failed with a bare IsADirectoryError after summary.png was
+    # already removed.
     cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
-    run = _folder_holding(tmp_path, "summary.png", UNFINISHED)
-    path = run / stranger
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (UNFINISHED, "summary.png", "attributions.npz"):
+        (run / name).write_text("of the stopped run")
+    path = run / stranger.rstrip("/")
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(exist_ok=True)
     path.mkdir() if stranger.endswith("/") else path.write_text("the user's")
-    with pytest.raises(FileExistsError, match=rf"{path.name} is not a figure of explain.py"):
+    with pytest.raises(FileExistsError, match=rf"{path.name} is (not a file explain.py|a file)"):
         explain_checkpoint(cfg)
-    assert path.exists() and (run / "summary.png").is_file()
+    assert path.exists()
+    assert all((run / name).exists() for name in ("summary.png", "attributions.npz"))
+
+
+def test_a_marker_that_is_no_file_is_refused(compose_config, tmp_path):
+    cfg = compose_config("ckpt_path=missing.ckpt", config_name="explain")
+    (tmp_path / "run" / UNFINISHED).mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"explain_unfinished is not explain.py's marker"):
+        explain_checkpoint(cfg)
 
 
 @pytest.mark.parametrize("target", ["another explanation's figures", "nothing"])

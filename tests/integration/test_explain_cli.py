@@ -110,7 +110,9 @@ def test_a_folder_an_explanation_was_stopped_in_is_explained_again(
     assert "stopped before it finished" in result.stdout + result.stderr
     assert [p.name for p in (out / "figures").iterdir()] == [f"0000_{image.stem}.png"]
     assert np.load(out / "attributions.npz")["images"].shape[0] == 1
-    assert json.loads((out / "trust.json").read_text())["images"] == 1
+    report = json.loads((out / "trust.json").read_text())
+    assert report["images"] == 1 and report["request"]["images"] == str(image)
+    assert report["request"]["methods"] == ["guided_gradcam"]
     assert not (out / UNFINISHED).exists()
 
 

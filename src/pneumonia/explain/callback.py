@@ -144,9 +144,9 @@ class AttributionMapsCallback(Callback):
         if grid["folder"] != str(self.dirpath.resolve()):
             return  # resumed into another run folder: nothing of this one was lost
         # Rank zero's answer for every rank: all of them must reach _draw's barrier, or none.
-        # Not recorded but restored with the loops: a checkpoint saved inside an epoch resumes in
-        # that epoch, after as many batches as its grid was drawn after.
-        batch = _restored_batches(trainer) if grid["epoch"] == trainer.current_epoch else None
+        # Not recorded but restored with the loops, as they were when the checkpoint was saved
+        # just after the grid was drawn (a record could be forged).
+        batch = _batches_into_epoch(trainer) if grid["epoch"] == trainer.current_epoch else None
         name = _grid_name("val", grid["epoch"], batch)
         drawn = trainer.strategy.broadcast((self.dirpath / name).exists())
         if drawn:
@@ -388,11 +388,6 @@ def _batches_into_epoch(trainer: L.Trainer) -> int | None:
     progress = trainer.fit_loop.epoch_loop.batch_progress
     done = progress.current.ready
     return None if progress.is_last_batch or done == trainer.num_training_batches else done
-
-
-def _restored_batches(trainer: L.Trainer) -> int:
-    """The batches into its epoch a checkpoint saved inside one was saved after (resumed)."""
-    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
 
 def _drawn_before(grid: dict[str, Any], trainer: L.Trainer) -> bool:

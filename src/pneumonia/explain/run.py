@@ -128,6 +128,12 @@ def _clear_stopped_explanation(output_dir: Path) -> None:
             f"{figure_dir} is a symbolic link; explain.py writes its figures into a folder of its "
             "own. Pass another run_dir=<folder>, or remove the link"
         )
+    marker = output_dir / UNFINISHED
+    if (marker.exists() or marker.is_symlink()) and not marker.is_file():
+        raise FileExistsError(
+            f"{marker} is not explain.py's marker file (a folder, or a broken link). Pass another "
+            "run_dir=<folder>, or move it"
+        )
     earlier = [name for name in OUTPUTS if (output_dir / name).exists()]
     if FINISHED in earlier:
         raise FileExistsError(
@@ -136,22 +142,30 @@ def _clear_stopped_explanation(output_dir: Path) -> None:
         )
     if not earlier:
         return
-    if not (output_dir / UNFINISHED).is_file():
+    if not marker.is_file():
         raise FileExistsError(
             f"{output_dir} holds {', '.join(earlier)}, which no explanation left unfinished there "
             f"(no {UNFINISHED}); explain.py would replace them. Pass another run_dir=<folder>, or "
             "move them"
         )
+    if figure_dir.exists() and not figure_dir.is_dir():
+        raise FileExistsError(
+            f"{figure_dir} is a file, where explain.py writes its figures. Pass another "
+            "run_dir=<folder>, or move it"
+        )
+    files = [output_dir / "summary.png", output_dir / "attributions.npz"]
     figures = list(figure_dir.iterdir()) if figure_dir.is_dir() else []
-    strangers = [
+    # All checked before anything is removed: a refusal leaves the folder as it was.
+    strangers = [path for path in files if path.is_dir() and not path.is_symlink()] + [
         path
         for path in figures
         if not (FIGURE_NAME.fullmatch(path.name) or is_side_file(path.name)) or path.is_dir()
     ]
-    if strangers or (figure_dir.exists() and not figure_dir.is_dir()):
+    if strangers:
         raise FileExistsError(
-            f"{strangers[0] if strangers else figure_dir} is not a figure of explain.py, where "
-            "it writes its figures. Pass another run_dir=<folder>, or move it"
+            f"{strangers[0]} is not a file explain.py wrote, where it writes its "
+            f"{'figures' if strangers[0].parent == figure_dir else 'outputs'}. Pass another "
+            "run_dir=<folder>, or move it"
         )
     log.warning(
         "%s holds the files of an explanation stopped before it finished (%s, no %s): removing "
@@ -160,7 +174,7 @@ def _clear_stopped_explanation(output_dir: Path) -> None:
         ", ".join(earlier),
         FINISHED,
     )
-    for stopped in [output_dir / "summary.png", output_dir / "attributions.npz", *figures]:
+    for stopped in [*files, *figures]:
         stopped.unlink(missing_ok=True)
 
 
@@ -256,6 +270,16 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "unreadable": failures,
         "refused": refused,
         "target": settings.target,
+        # What was asked, in the folder's own words: Hydra's top-level record there is the first
+        # run's, and a rerun after a stopped explanation may have asked for other images.
+        "request": {
+            "images": None if cfg.images is None else str(cfg.images),
+            "data_root": str(data_root),
+            "max_images": cfg.max_images,
+            "methods": list(cfg.methods),
+            "figure_method": cfg.figure_method,
+            "seed": cfg.seed,
+        },
         "ms_per_image": ms_per_image,
         **trust,
     }
