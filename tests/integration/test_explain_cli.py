@@ -99,8 +99,15 @@ def test_a_folder_an_explanation_was_stopped_in_is_explained_again(
 ):
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
-    for stopped in ("summary.png", "attributions.npz", "figures/0007_old.png", UNFINISHED):
-        (out / stopped).write_bytes(b"cut short by a kill")  # and no trust.json
+    # And no trust.json; the side file's pid (1) lives, so only explain's own cleanup removes it.
+    stopped = [
+        "summary.png",
+        "attributions.npz",
+        "figures/0007_old.png",
+        "figures/.0008_x.png.1.partial",
+    ]
+    for name in [*stopped, UNFINISHED]:
+        (out / name).write_bytes(b"cut short by a kill")
     image = sorted((originals_root / "NORMAL").iterdir())[0]
     result = explain(
         f"ckpt_path={short_run}", f"images={image}", f"run_dir={out}",

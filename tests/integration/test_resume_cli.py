@@ -18,6 +18,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pneumonia.training.precision import cpu_precision
 from tests.conftest import ROOT, run_folder_held_elsewhere
 from tests.integration.conftest import train
 
@@ -251,7 +252,10 @@ def test_a_resume_that_would_change_the_split_is_refused(
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("data.batch_size=16", "data.batch_size=32"), ("trainer.precision=32-true", "trainer.precision=")],
+    [("data.batch_size=16", "data.batch_size=32"),
+     # The other precision than the one this CPU trains in (trainer=cpu chooses by the chip).
+     (f"trainer.precision={'32-true' if cpu_precision() == 'bf16-mixed' else 'bf16-mixed'}",
+      "trainer.precision=")],
 )  # fmt: skip
 def test_a_resume_taking_its_steps_otherwise_is_refused(
     short_run, small_root, cache_dir, tmp_path, override, named

@@ -97,8 +97,9 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole explanation task and return its figures (also written to ``cfg.paths.output_dir``).
 
     Every file is written whole (a kill leaves the old file or none). A folder an explanation was
-    stopped in (killed, or failed) is explained again: the stopped run's files are removed first,
-    so none of them mixes with this one's.
+    stopped in (killed, or failed) is explained again: the stopped run's files are removed just
+    before this one writes its first file, so none of them mixes with this one's, and a run that
+    fails before that leaves the folder as it found it.
 
     Raises:
         RunFolderBusyError: another process works in the folder.
@@ -111,17 +112,16 @@ def explain_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with hold_run_folder(output_dir):
-        _clear_stopped_explanation(output_dir)
-        started = {"pid": os.getpid(), "started": datetime.datetime.now().isoformat()}
-        write_atomic(output_dir / UNFINISHED, json.dumps(started) + "\n")
-        report = _explain(cfg, output_dir)
-        (output_dir / UNFINISHED).unlink()
+        stopped = _stopped_explanation_files(output_dir)
+        report = _explain(cfg, output_dir, stopped)
+        (output_dir / UNFINISHED).unlink(missing_ok=True)
         return report
 
 
-def _clear_stopped_explanation(output_dir: Path) -> None:
-    """Refuse a folder holding a finished explanation or files explain.py did not leave; remove
-    the files of a stopped explanation."""
+def _stopped_explanation_files(output_dir: Path) -> list[Path]:
+    """The files of an explanation stopped in ``output_dir``, to remove before this one writes
+    (none where there was none); refuse a folder holding a finished explanation or files
+    explain.py did not leave."""
     figure_dir = output_dir / "figures"
     if figure_dir.is_symlink():  # a new explanation would write, or remove, another folder's files
         raise FileExistsError(
@@ -141,7 +141,7 @@ def _clear_stopped_explanation(output_dir: Path) -> None:
             "would mix with it. Pass another run_dir=<folder>, or delete those first"
         )
     if not earlier:
-        return
+        return []
     if not marker.is_file():
         raise FileExistsError(
             f"{output_dir} holds {', '.join(earlier)}, which no explanation left unfinished there "
@@ -167,18 +167,27 @@ def _clear_stopped_explanation(output_dir: Path) -> None:
             f"{'figures' if strangers[0].parent == figure_dir else 'outputs'}. Pass another "
             "run_dir=<folder>, or move it"
         )
-    log.warning(
-        "%s holds the files of an explanation stopped before it finished (%s, no %s): removing "
-        "them and explaining again",
-        output_dir,
-        ", ".join(earlier),
-        FINISHED,
-    )
-    for stopped in [*files, *figures]:
-        stopped.unlink(missing_ok=True)
+    return [*files, *figures]
 
 
-def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def _start_writing(output_dir: Path, stopped: list[Path]) -> None:
+    """Remove the files of the explanation stopped in ``output_dir``, and mark the folder as
+    holding an unfinished one until trust.json is written."""
+    if stopped:
+        log.warning(
+            "%s holds the files of an explanation stopped before it finished (no %s): removing "
+            "%d of them and writing this one's",
+            output_dir,
+            FINISHED,
+            len(stopped),
+        )
+    for path in stopped:
+        path.unlink(missing_ok=True)
+    started = {"pid": os.getpid(), "started": datetime.datetime.now().isoformat()}
+    write_atomic(output_dir / UNFINISHED, json.dumps(started) + "\n")
+
+
+def _explain(cfg: DictConfig, output_dir: Path, stopped: list[Path]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, output_dir, prefer_best=True)
@@ -242,6 +251,7 @@ def _explain(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         _check_finite(maps[method], method, items)
         ms_per_image[method] = 1000 * (time.perf_counter() - start) / len(images)
 
+    _start_writing(output_dir, stopped)
     with written_aside(output_dir / "attributions.npz") as partial, partial.open("wb") as file:
         np.savez_compressed(  # to a file object: given a path, numpy would append ".npz" to it
             file,
