@@ -87,12 +87,12 @@ def test_grids_and_confusion_matrices_share_their_validation_metrics_step(
         assert [e.step for e in events.Images(tag)] == metric_steps, tag
 
 
-def _resumable(small_root, cache_dir, tmp_path, epochs):
+def _resumable(small_root, cache_dir, tmp_path, epochs, **trainer_args):
     datamodule, module, callback, _ = _setup(small_root, cache_dir, tmp_path)
     checkpoints = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer = L.Trainer(
         max_epochs=epochs, limit_train_batches=2, logger=False, callbacks=[callback, checkpoints],
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_args,
     )  # fmt: skip
     return datamodule, module, callback, trainer
 
@@ -231,15 +231,8 @@ def test_validations_inside_an_epoch_each_keep_their_grid(
 def test_a_resume_redraws_a_lost_grid_of_a_validation_inside_an_epoch(
     small_root, cache_dir, tmp_path
 ):
-    def resumable(**limits):
-        datamodule, module, callback, _ = _setup(small_root, cache_dir, tmp_path)
-        checkpoints = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-        trainer = L.Trainer(
-            **{"max_epochs": 1, **limits}, limit_train_batches=2, val_check_interval=0.5,
-            logger=False, callbacks=[callback, checkpoints], enable_progress_bar=False,
-            enable_model_summary=False,
-        )  # fmt: skip
-        return datamodule, module, callback, trainer
+    def resumable(epochs=1, **limits):
+        return _resumable(small_root, cache_dir, tmp_path, epochs, val_check_interval=0.5, **limits)
 
     datamodule, module, _, trainer = resumable(max_steps=1)  # stops after the first validation
     trainer.fit(module, datamodule=datamodule)
@@ -255,7 +248,7 @@ def test_a_resume_redraws_a_lost_grid_of_a_validation_inside_an_epoch(
     end_of_epoch = tmp_path / "maps" / "val_epoch000.png"
     drawn = end_of_epoch.read_bytes()
     end_of_epoch.unlink()
-    datamodule, module, callback, trainer = resumable(max_epochs=2)
+    datamodule, module, callback, trainer = resumable(epochs=2)
     trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert end_of_epoch.read_bytes() == drawn
     assert sorted(p.name for p in (tmp_path / "maps").glob("val_epoch000*.png")) == [

@@ -20,7 +20,6 @@ from pneumonia.explain.methods import (
     AttributionFn,
     ClassScores,
     decision_threshold,
-    eval_mode,
     explain,
     find_layer,
 )
@@ -29,6 +28,7 @@ from pneumonia.explain.rendering.raster import attribution_grid_image
 from pneumonia.explain.settings import LAYER_METHODS, AttributionSettings
 from pneumonia.files import write_atomic, written_aside
 from pneumonia.metrics.evaluation import epoch_metrics_step
+from pneumonia.model.modes import eval_mode
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumonia.explain.methods.common import eval_mode, pneumonia_probabilities
+from pneumonia.explain.methods.common import pneumonia_probabilities
+from pneumonia.model.modes import eval_mode
 
 Baseline = float | str
 """A fill value for removed pixels, or ``"mean"`` for each image's own mean intensity."""
