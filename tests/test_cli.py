@@ -54,3 +54,53 @@ def test_sigterm_unwinds_explain_and_predict_like_ctrl_c(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 143, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_deliberate_error_of_a_single_run_prints_its_message_not_a_traceback(tmp_path):
+    missing = tmp_path / "no_such_data"
+    result = _run(
+        [sys.executable, str(ROOT / "train.py"), f"data.root={missing}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"DataLayoutError: data root {missing} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _raise_from_this_test() -> None:
+    raise ValueError("a test's own error")
+
+
+def test_only_errors_raised_on_purpose_by_the_package_lose_their_traceback():
+    from hydra.errors import InstantiationException
+
+    from pneumonia.cli import user_error_message
+    from pneumonia.errors import CheckpointError
+    from pneumonia.metrics.calibration import _nll, binary_nll
+
+    with pytest.raises(ValueError) as deliberate:
+        binary_nll([1.0], [1], temperature=0)  # a `raise` in the package
+    assert user_error_message(deliberate.value) == "ValueError: temperature must be > 0, got 0"
+    # The package's own error classes, wherever they are raised.
+    assert user_error_message(CheckpointError("x.ckpt was refused")) == (
+        "CheckpointError: x.ckpt was refused"
+    )
+    with pytest.raises(TypeError) as builtin_failure:
+        _nll([0.0], "not numbers", 1.0)  # fails inside package code, but on no `raise` line
+    assert user_error_message(builtin_failure.value) is None
+    with pytest.raises(ValueError) as elsewhere:
+        _raise_from_this_test()
+    assert user_error_message(elsewhere.value) is None
+
+    refused = ValueError("image_size=16 is too small")
+    wrapped = InstantiationException(
+        "Error in call to target 'pneumonia.model.study_cnn.StudyCNN':\n"
+        "ValueError('image_size=16 is too small')\nfull_key: model.net"
+    )
+    wrapped.__cause__ = refused
+    assert user_error_message(wrapped) == (
+        "ValueError: image_size=16 is too small (building model.net)"
+    )
+    wrapped.__cause__ = AttributeError("a bug")
+    assert user_error_message(wrapped) is None

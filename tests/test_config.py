@@ -109,6 +109,13 @@ def test_cosine_scheduler_decays_to_zero_over_the_runs_epochs(compose_config):
     assert rates[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("preset", [[], ["experiment=robust_cnn"]])
+def test_scheduler_none_keeps_or_drops_any_schedule(compose_config, preset):
+    assert compose_config(*preset, "scheduler=none").scheduler is None
+    assert compose_config(*preset, "scheduler=cosine").scheduler._target_.endswith("AnnealingLR")
+    assert compose_config().scheduler is None  # the study's default
+
+
 def _built_as(objects: list, kinds: list[type]) -> bool:
     """``objects`` are instances of ``kinds``, one each, in order (subclasses count)."""
     return len(objects) == len(kinds) and all(
@@ -254,11 +261,13 @@ def test_every_recipe_option_is_built_into_the_model_and_trains_a_few_batches(
     assert trainer.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
     # What the option configures is what the checkpoint records and what the model runs.
-    node = OmegaConf.to_container(cfg[group], resolve=True) or None
+    node = None if cfg[group] is None else OmegaConf.to_container(cfg[group], resolve=True) or None
     recorded = module.hparams["net" if group == "model" else group]
     if group == "model":
         node = node["net"]
-    if group == "scheduler":
+    if group == "scheduler" and node is None:  # scheduler=none
+        assert not trainer.lr_scheduler_configs
+    elif group == "scheduler":
         node.pop("interval")
         recorded = {k: v for k, v in recorded.items() if k != "interval"}
         assert type(trainer.lr_scheduler_configs[0].scheduler).__name__ in node["_target_"]

@@ -4,8 +4,38 @@ from __future__ import annotations
 
 import pytest
 
-from pneumonia.config import OPTIMIZABLE_METRICS, check_explain_config, check_train_config
+from pneumonia.config import (
+    OPTIMIZABLE_METRICS,
+    check_added_keys,
+    check_explain_config,
+    check_train_config,
+)
 from pneumonia.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("+optimiser.lr=0.1", r"adds 'optimiser', .* \(did you mean optimizer\?\)"),
+     ("+notes=baseline", r"\+notes=baseline adds 'notes', which is not a setting"),
+     ("+optimiser={lr: 0.1}", "adds 'optimiser'")],
+)  # fmt: skip
+def test_a_plus_that_adds_a_top_level_setting_nothing_reads_is_refused(
+    compose_config, override, message
+):
+    cfg = compose_config(override)
+    with pytest.raises(ConfigError, match=message):
+        check_added_keys(cfg, [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["+trainer.val_check_interval=0.5", "+data.external_tests.site_b=/data/site_b",
+     "++notes=baseline", "optimizer.lr=0.1"],
+)  # fmt: skip
+def test_a_plus_below_an_existing_setting_or_a_group_is_left_to_what_reads_it(
+    compose_config, override
+):
+    check_added_keys(compose_config(override), [override], groups=["optimizer"])
 
 
 @pytest.mark.parametrize(

@@ -4,19 +4,35 @@ Each composes the project's ``conf/`` tree with Hydra, exactly as ``train.py``, 
 ``predict.py`` do (they call these functions), and hands the config to the package. The config
 tree is found beside the package's source (an editable install or a checkout), or where
 ``PNEUMONIA_ROOT`` points. ``pneumonia-compare`` is :func:`pneumonia.compare.main`.
+
+An error this package raises on purpose (a ``raise`` in its own code: a missing path, a refused
+checkpoint, a contradicting setting, a diverged run) ends a single run with its message alone, not
+a traceback through Lightning and Hydra; so does a config value that a constructor refused
+(Hydra's ``InstantiationException``). Anything else keeps its traceback: it is a bug to report. In
+a multirun each job's error goes to the sweep as before, and ``HYDRA_FULL_ERROR=1`` shows every
+traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import linecache
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
+
+import pneumonia
+from pneumonia.errors import UserError
+
+# The types of the errors this package raises with a message for the user.
+_DELIBERATE_TYPES = (ValueError, TypeError, OSError, RuntimeError)
 
 
 def project_root() -> Path:
@@ -49,9 +65,62 @@ def _command(config_name: str, task: str) -> Any:
 
         tidy_lightning_console()
         module, function = task.split(":")
-        return getattr(importlib.import_module(module), function)(cfg)
+        try:
+            from pneumonia.config import check_added_keys
+            from pneumonia.hydra_hooks import hydra_choices, task_overrides
+
+            check_added_keys(cfg, task_overrides(), groups=hydra_choices())
+            return getattr(importlib.import_module(module), function)(cfg)
+        except Exception as error:
+            message = user_error_message(error)
+            if message is None or not _single_run() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise UserError(message) from error
 
     return main()
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """What to print instead of a traceback, or None when the traceback is worth reading.
+
+    An error of a class this package defines, or raised by a ``raise`` statement in its source,
+    is deliberate: its message names the path or value and the fix. A ``KeyError`` of a dict lookup
+    or a ``ValueError`` of ``int("x")`` there is not (no ``raise``). A config value a constructor
+    refused comes wrapped in Hydra's ``InstantiationException``, whose message names the target,
+    the refusal and the key.
+    """
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__
+        if isinstance(cause, ValueError | TypeError):
+            key = re.search(r"full_key: (\S+)", str(error))
+            where = f" (building {key.group(1)})" if key else ""
+            return f"{type(cause).__name__}: {cause}{where}"
+        return None
+    ours = type(error).__module__.split(".")[0] == pneumonia.__name__
+    if ours or (isinstance(error, _DELIBERATE_TYPES) and _raised_in_package(error)):
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _raised_in_package(error: BaseException) -> bool:
+    """Whether ``error`` comes from a ``raise`` statement in this package's source."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    filename = traceback.tb_frame.f_code.co_filename
+    package = Path(pneumonia.__file__).resolve().parent
+    if not Path(filename).resolve().is_relative_to(package):
+        return False
+    return linecache.getline(filename, traceback.tb_lineno).lstrip().startswith("raise ")
+
+
+def _single_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
 
 
 def exit_on_sigterm() -> None:

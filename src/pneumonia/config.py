@@ -7,8 +7,10 @@ through a run (a matrix shape error in the first batch, a ``None`` handed to the
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +26,7 @@ from pneumonia.explain.settings import (
     check_layer,
     check_target,
 )
+from pneumonia.hydra_hooks import override_key
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import external_metric_names
 from pneumonia.training.checkpoints import CHECKPOINT_DIR, LAST
@@ -42,6 +45,41 @@ def optimizable_metrics(cfg: DictConfig) -> tuple[str, ...]:
     if OmegaConf.select(cfg, "shift_suite.enabled"):
         names.append("shift/robustness")
     return (*OPTIMIZABLE_METRICS, *names)
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str], groups: Iterable[str] = ()) -> None:
+    """Refuse a ``+key=value`` that adds a top-level setting nothing reads.
+
+    Hydra's hint for a misspelt key is to append it with ``+``, and ``+optimiser.lr=0.1`` then
+    trained at the default learning rate without a word. A ``+`` below an existing setting
+    (``+trainer.val_check_interval=0.5``, ``+data.external_tests.site=<folder>``) is left to the
+    object it configures, which refuses what it does not take; ``++`` is never refused.
+
+    Raises:
+        ConfigError: naming the override and the closest existing setting.
+    """
+    added = [override_key(o) for o in overrides if o.startswith("+") and not o.startswith("++")]
+    plain = OmegaConf.to_container(cfg, resolve=False) if added else {}
+    for top in dict.fromkeys(key.split(".")[0] for key in added):
+        if top in groups or top not in plain:
+            continue
+        leaves = _leaf_keys(plain[top], top)
+        if not all(any(leaf == k or leaf.startswith(f"{k}.") for k in added) for leaf in leaves):
+            continue  # the config defines part of it: an existing setting
+        known = [str(k) for k in plain if not any(a.split(".")[0] == k for a in added)]
+        close = difflib.get_close_matches(top, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        (override,) = [o for o in overrides if override_key(o).split(".")[0] == top][:1]
+        raise ConfigError(
+            f"{override} adds '{top}', which is not a setting of this config{hint}, so nothing "
+            "would read it. Drop the '+' to change an existing setting; --cfg job prints them all"
+        )
+
+
+def _leaf_keys(node: object, prefix: str) -> list[str]:
+    if not isinstance(node, dict) or not node:
+        return [prefix]
+    return [leaf for key, value in node.items() for leaf in _leaf_keys(value, f"{prefix}.{key}")]
 
 
 def check_train_config(cfg: DictConfig) -> None:

@@ -43,3 +43,11 @@ class SweepError(CompactHydraException):
 
 class RunFolderBusyError(RuntimeError):
     """Another live process is working in the run folder (its lock is held)."""
+
+
+class UserError(CompactHydraException):
+    """A deliberate error of a single run, shown as its message alone (see :mod:`pneumonia.cli`).
+
+    Hydra prints a :class:`~hydra.errors.CompactHydraException` without a traceback and exits 1;
+    the error that was raised is its ``__cause__``, and ``HYDRA_FULL_ERROR=1`` shows both.
+    """

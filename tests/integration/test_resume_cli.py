@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -88,11 +89,24 @@ def test_a_run_stopped_by_sigterm_exits_with_an_error_and_says_how_to_resume(
     returncode, output = _stopped_after_a_checkpoint(overrides, run_dir, cache_dir, signal.SIGTERM)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert returncode == 128 + signal.SIGTERM
-    assert (
-        f"stopped by SIGTERM: the run was interrupted; resume it with run_dir={run_dir}" in output
-    )
+    hint = "stopped by SIGTERM: the run was interrupted; resume it with: python train.py "
+    assert hint in output
+    # The hint repeats every override: without them the resume would train another run.
+    command = shlex.split(output.split(hint, 1)[1].splitlines()[0])
+    assert command == [*overrides[:-1], f"run_dir={run_dir}", "ckpt_path=last"]
     assert json.loads((run_dir / "run_status.json").read_text())["status"] == "interrupted"
-    assert _loadable_epoch(last) < 29
+    stopped_at = _loadable_epoch(last)
+    assert stopped_at < 29
+    # A resume with other overrides than the stopped attempt's is told what changed.
+    shorter = f"trainer.max_epochs={stopped_at + 2}"
+    resumed = train(
+        *[shorter if o == "trainer.max_epochs=30" else o for o in command],
+        cache_dir=cache_dir, extra=(),
+    )  # fmt: skip
+    assert (
+        "with other overrides than its last attempt (dropped: trainer.max_epochs=30; added: "
+        f"{shorter})" in resumed.stdout + resumed.stderr
+    )
 
 
 def test_a_sweep_stopped_by_sigterm_summarises_the_stopped_job_and_says_how_to_go_on(

@@ -23,6 +23,20 @@ def test_resolution_of_last_run_folder_and_file(tmp_path):
         resolve_checkpoint(tmp_path / "missing.ckpt", tmp_path)
 
 
+def test_a_folder_without_checkpoints_is_named_for_what_it_is(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(CheckpointError, match=r"images holds no checkpoints/ folder: it is not a"):
+        resolve_checkpoint(images, tmp_path, prefer_best=True)
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    (evaluation / "test_metrics.json").write_text('{"checkpoint": "/runs/a/checkpoints/e3.ckpt"}')
+    with pytest.raises(
+        CheckpointError, match=r"evaluation or explanation of /runs/a/checkpoints/e3"
+    ):
+        resolve_checkpoint(evaluation, tmp_path, prefer_best=True)
+
+
 def test_foreign_files_are_refused_with_the_reason(tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")

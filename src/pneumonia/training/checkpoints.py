@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -105,6 +106,8 @@ def resolve_checkpoint(
     path = Path(ckpt_path).expanduser()
     if path.is_dir() and path.name == CHECKPOINT_DIR and not (path / CHECKPOINT_DIR).is_dir():
         path = path.parent  # the run's checkpoints folder names the run
+    if path.is_dir() and not (path / CHECKPOINT_DIR).is_dir():
+        raise CheckpointError(_not_a_run_folder(path))
     if path.is_dir():
         best = best_checkpoint(path) if prefer_best else None
         path = best or last_checkpoint(path)
@@ -114,6 +117,32 @@ def resolve_checkpoint(
             "checkpoints/last.ckpt"
         )
     return path
+
+
+def _not_a_run_folder(path: Path) -> str:
+    """Why ``ckpt_path=<folder>`` names no checkpoint, saying what the folder is when it can."""
+    evaluated = _evaluated_checkpoint(path)
+    what = (
+        f"it is an evaluation or explanation of {evaluated}; pass that instead"
+        if evaluated
+        else "it is not a training run's folder, or that run stopped before its first checkpoint"
+    )
+    return (
+        f"{path} holds no {CHECKPOINT_DIR}/ folder: {what}. Pass ckpt_path=<a run folder from "
+        f"outputs/runs/, which holds {CHECKPOINT_DIR}/> or ckpt_path=<file.ckpt>"
+    )
+
+
+def _evaluated_checkpoint(folder: Path) -> str | None:
+    """The checkpoint an evaluation or explanation folder records, if it records one."""
+    for name, key in (("test_metrics.json", "checkpoint"), ("trust.json", "checkpoint")):
+        try:
+            value = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

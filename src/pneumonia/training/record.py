@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from pneumonia.errors import CheckpointError
-from pneumonia.hydra_hooks import hydra_choices
+from pneumonia.hydra_hooks import hydra_choices, job_identity
 from pneumonia.training.callbacks import BestEpochMetrics
 from pneumonia.training.checkpoints import LAST, is_inside, read_checkpoint
 from pneumonia.training.hparams_session import session_hparams, write_session
@@ -43,6 +43,8 @@ class RunRecord:
             if self.writes
             else None
         )
+        if self.status is not None and self.status.earlier:
+            _warn_of_other_overrides(output_dir, self.status.earlier.get("overrides"), overrides)
         self.trainer: L.Trainer | None = None
         self.loggers: list[Logger] = []
         self.epochs: BestEpochMetrics | None = None
@@ -116,6 +118,30 @@ class RunRecord:
             "best_val": state.get("best", {}),
             "last_val": state.get("last", {}),
         }
+
+
+def _warn_of_other_overrides(output_dir: Path, last_attempt: Any, overrides: list[str]) -> None:
+    """Say so when a resume in place runs with other overrides than the run's last attempt.
+
+    Continuing with other settings can be meant (more epochs); forgetting the first command's
+    overrides is the usual slip, and it silently changes what the rest of the run trains.
+    """
+    if not isinstance(last_attempt, list):
+        return
+    before, now = set(job_identity([str(o) for o in last_attempt])), set(job_identity(overrides))
+    if before == now:
+        return
+    dropped, added = sorted(before - now), sorted(now - before)
+    log.warning(
+        "resuming %s with other overrides than its last attempt (dropped: %s; added: %s). "
+        "The rest of the run trains with this command's settings; to continue as it ran, "
+        "resume with: python train.py %s run_dir=%s ckpt_path=last",
+        output_dir,
+        " ".join(dropped) or "none",
+        " ".join(added) or "none",
+        " ".join(sorted(before)),
+        output_dir,
+    )
 
 
 def _resumes_in_place(cfg: DictConfig, output_dir: Path) -> bool:
