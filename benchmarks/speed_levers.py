@@ -90,8 +90,9 @@ def measure(datamodule, device: str, batches: int, precision: str, *, dropout=Tr
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         precision=precision,
-        max_epochs=1,
-        limit_train_batches=batches,
+        # Steps, not one epoch's batches: --batches above one pass (131 at batch 32) is honoured.
+        max_epochs=-1,
+        max_steps=batches,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
