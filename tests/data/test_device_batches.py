@@ -85,6 +85,16 @@ def test_the_datamodule_serves_its_splits_from_the_device_when_asked(small_root,
             assert len(pixels) == len(expected_pixels)
 
 
+def test_a_datamodule_reused_on_another_device_holds_its_splits_there(small_root, cache_dir):
+    dm = _datamodule(small_root, cache_dir, batch_size=4, batches_on_device=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = _trainer()
+    assert dm.train_dataloader().pixels.device.type == "cpu"
+    dm.trainer = _trainer("meta")  # another device; meta holds shapes, no memory
+    assert dm.train_dataloader().pixels.device.type == "meta"
+
+
 def test_automatic_means_dataloaders_on_the_cpu_and_under_ddp(small_root, cache_dir):
     dm = _datamodule(small_root, cache_dir, batch_size=4)
     dm.prepare_data()

@@ -186,7 +186,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.pixel_mean: float | None = None
         self.pixel_std: float | None = None
         self._datasets: dict[str, CachedXrayDataset] = {}
-        self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._automatic_choice: dict[str, bool] = {}  # device -> whether the splits fit on it
         self._twins: dict[bytes, list[int]] | None = None
         self._external: dict[str, ChestXrayDataModule] = {}
@@ -524,11 +524,13 @@ class ChestXrayDataModule(L.LightningDataModule):
         return device
 
     def _device_batches(self, split: str, device: torch.device, shuffle: bool) -> DeviceBatches:
-        if split not in self._device_splits:
+        # Keyed by device too: a DataModule reused by a trainer on another device gets its own copy.
+        key = (split, str(device))
+        if key not in self._device_splits:
             pixels, labels = self.split_arrays(split)
-            self._device_splits[split] = (pixels.to(device), labels.to(device))
+            self._device_splits[key] = (pixels.to(device), labels.to(device))
             log.info("%s split held on %s (%d images)", split, device, len(labels))
-        pixels, labels = self._device_splits[split]
+        pixels, labels = self._device_splits[key]
         return DeviceBatches(pixels, labels, self.batch_size, shuffle=shuffle)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
