@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import linecache
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 import pneumonia
-from pneumonia.errors import UserError
+from pneumonia.errors import UserError, refused_construction
 
 # The types of the errors this package raises with a message for the user.
 _DELIBERATE_TYPES = (ValueError, TypeError, OSError, RuntimeError)
@@ -90,12 +89,7 @@ def user_error_message(error: BaseException) -> str | None:
     the refusal and the key.
     """
     if isinstance(error, InstantiationException):
-        cause = error.__cause__
-        if isinstance(cause, ValueError | TypeError):
-            key = re.search(r"full_key: (\S+)", str(error))
-            where = f" (building {key.group(1)})" if key else ""
-            return f"{type(cause).__name__}: {cause}{where}"
-        return None
+        return refused_construction(error)
     ours = type(error).__module__.split(".")[0] == pneumonia.__name__
     if ours or (isinstance(error, _DELIBERATE_TYPES) and _raised_in_package(error)):
         return f"{type(error).__name__}: {error}"

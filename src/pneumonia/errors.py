@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hydra.errors import CompactHydraException
+import re
+
+from hydra.errors import CompactHydraException, InstantiationException
 
 
 class CheckpointError(ValueError):
@@ -51,3 +53,19 @@ class UserError(CompactHydraException):
     Hydra prints a :class:`~hydra.errors.CompactHydraException` without a traceback and exits 1;
     the error that was raised is its ``__cause__``, and ``HYDRA_FULL_ERROR=1`` shows both.
     """
+
+
+def refused_construction(error: BaseException) -> str | None:
+    """``<Type>: <refusal> (building <key>)`` for a config value a constructor refused, else None.
+
+    Hydra wraps what a ``_target_`` raised in an ``InstantiationException`` whose first line only
+    names the target; the refusal (a ``ValueError`` or a ``TypeError`` such as an unexpected
+    keyword) is its cause, and the config key is on its last line.
+    """
+    cause = error.__cause__
+    if not isinstance(error, InstantiationException) or not isinstance(
+        cause, ValueError | TypeError
+    ):
+        return None
+    key = re.search(r"full_key: (\S+)", str(error))
+    return f"{type(cause).__name__}: {cause}" + (f" (building {key.group(1)})" if key else "")

@@ -325,3 +325,18 @@ def test_ddp_with_more_processes_than_evaluation_images_is_a_clear_error(small_r
     dm.trainer = SimpleNamespace(world_size=64, global_rank=0, is_global_zero=True)
     with pytest.raises(EmptySplitError, match=r"the val split .* fewer than the 64 processes"):
         dm.val_dataloader()
+
+
+def test_a_split_too_small_for_its_fraction_says_how_many_images_it_takes(
+    data_root, cache_dir, tmp_path
+):
+    root = make_subset(data_root, tmp_path / "tiny", per_class=2)
+    dm = _datamodule(root, cache_dir, split_fractions=[0.9, 0.05, 0.05], group_by="image")
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(
+        EmptySplitError,
+        match=r"the val split .* is empty .* a 0.05 share of each class is less than one of its "
+        r"images: give each class at least 20 images",
+    ):
+        dm.val_dataloader()

@@ -79,7 +79,7 @@ def test_resume_in_place_from_the_last_checkpoint(short_run, small_root, cache_d
     assert f"Restored all states from the checkpoint at {short_run}/checkpoints/last.ckpt" in output
     resumed = output[output.index("Restored all states") :]
     # Only the second epoch ran after restoring, continuing the step count of the first.
-    assert "attribution maps for val epoch 1" in resumed and "val epoch 0" not in resumed
+    assert "attribution maps for epoch 1 took" in resumed and "for epoch 0 took" not in resumed
     after = torch.load(
         short_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )

@@ -203,7 +203,7 @@ def test_unreadable_files_are_listed_not_fatal(predict, ckpt, tmp_path, caplog):
     assert "FIFO" in reasons[str(root / "pipe.png")]
     assert "not valid UTF-8" in reasons[repr(str(root / os.fsdecode(b"bad\xffname.png")))]
     assert len(report.unreadable) == 5
-    assert "predicted 1 images: " in caplog.text and "5 unreadable" in caplog.text
+    assert "predicted 1 image: " in caplog.text and "5 unreadable" in caplog.text
 
 
 def test_nothing_readable_writes_the_list_then_fails(predict, ckpt, tmp_path, compose_config):

@@ -63,6 +63,24 @@ def test_metric_modes_and_error_lines():
     assert metric_mode("external/x/auroc") == metric_mode("shift/robustness") == "max"
     assert error_line(KeyboardInterrupt()) == "stopped by Ctrl-C or a signal (KeyboardInterrupt)"
     assert error_line(SystemExit(1)) == "stopped by Ctrl-C or a signal (SystemExit)"
+    assert error_line(ValueError("bad value\nmore")) == "ValueError: bad value"
+
+
+def test_the_error_line_of_a_refused_config_value_names_the_refusal_not_the_target():
+    from hydra.errors import InstantiationException
+
+    wrapped = InstantiationException(
+        "Error in call to target 'lightning.pytorch.trainer.trainer.Trainer':\n"
+        "TypeError(\"Trainer.__init__() got an unexpected keyword argument 'max_epoch'\")\n"
+        "full_key: trainer"
+    )
+    wrapped.__cause__ = TypeError(
+        "Trainer.__init__() got an unexpected keyword argument 'max_epoch'"
+    )
+    assert error_line(wrapped) == (
+        "TypeError: Trainer.__init__() got an unexpected keyword argument 'max_epoch' "
+        "(building trainer)"
+    )
 
 
 def test_updates_record_the_time_so_far_and_a_resume_in_place_adds_to_it(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -416,10 +417,20 @@ class ChestXrayDataModule(L.LightningDataModule):
         if len(rows) == 0:
             failed = int((self.splits == "skipped").sum())
             undecoded = f", {failed} of them failed to decode (listed above)" if failed else ""
+            fractions = list(self.split_fractions)
+            share = dict(zip(SPLITS, fractions, strict=False)).get(split)
+            if share:  # a fraction too small for the images: say how many it takes
+                units = "patients" if self.group_by == "patient" else "images"
+                fix = (
+                    f"a {share:g} share of each class is less than one of its {units}: give each "
+                    f"class at least {math.ceil(1 / share)} {units}, raise that fraction, or "
+                    "replace the unreadable ones"
+                )
+            else:
+                fix = "give it a non-zero fraction, add images or replace the unreadable ones"
             raise EmptySplitError(
-                f"the {split} split of {self.root} is empty (split_fractions={list(self.split_fractions)}, "
-                f"{len(self.images)} images found{undecoded}); give it a non-zero fraction, add "
-                "images or replace the unreadable ones"
+                f"the {split} split of {self.root} is empty (split_fractions={fractions}, "
+                f"{len(self.images)} images found{undecoded}); {fix}"
             )
         return rows
 

@@ -293,7 +293,8 @@ class AttributionMapsCallback(Callback):
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attribution-maps")
         self._pending = self._writer.submit(self._publish, job)
         self.seconds.append(time.perf_counter() - start)
-        log.info("attribution maps for %s epoch %d took %.2f s", stage, epoch, self.seconds[-1])
+        when = f"epoch {epoch}" if stage == "val" else f"the {stage} run"
+        log.info("attribution maps for %s took %.2f s", when, self.seconds[-1])
 
     def _publish(self, job: dict) -> None:
         start = time.perf_counter()

@@ -81,7 +81,8 @@ class PredictionReport:
 
     def summary(self) -> str:
         return (
-            f"predicted {len(self.predictions)} images: {self.pneumonia} PNEUMONIA at threshold "
+            f"predicted {len(self.predictions)} image{'' if len(self.predictions) == 1 else 's'}: "
+            f"{self.pneumonia} PNEUMONIA at threshold "
             f"{format_threshold(self.threshold)} ({self.threshold_source}), "
             f"{len(self.unreadable)} unreadable"
             + (f" (listed in {self.unreadable_output})" if self.unreadable else "")

@@ -63,8 +63,8 @@ def copies_of_training_images(
         log.warning(
             "%d of the %d evaluated images were in the training or validation split of the "
             "checkpoint (pixel for pixel at %d px, e.g. %s = %s): its figures here overstate how it "
-            "does on X-rays it has not seen. Evaluate on its test split (--config-name shift) or on "
-            "other X-rays",
+            "does on X-rays it has not seen. Evaluate on its test split (python train.py fit=false "
+            "ckpt_path=<run>) or on other X-rays",
             len(copies),
             int((evaluated.splits == "test").sum()),
             evaluated.image_size,

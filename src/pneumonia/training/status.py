@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pneumonia.errors import RunFolderBusyError
+from pneumonia.errors import RunFolderBusyError, refused_construction
 from pneumonia.files import remove_stale_side_files, write_atomic
 from pneumonia.locks import close_lock_file, exclusive_lock, open_lock_file, try_lock
 
@@ -57,6 +57,9 @@ def error_line(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt | SystemExit):
         # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown.
         return f"stopped by Ctrl-C or a signal ({type(error).__name__})"
+    refused = refused_construction(error)  # Hydra's first line names only the target
+    if refused is not None:
+        return refused.splitlines()[0]
     message = str(error).strip().splitlines()
     return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from pneumonia.explain.rendering.figures import attribution_grid, close, describe
 
@@ -34,3 +35,14 @@ def test_describe_applies_the_threshold_to_the_probability_of_pneumonia():
     assert describe(None, 0.45, 0.4398) == "pred PNEUMONIA (p=0.45)"
     assert describe(-1, 0.7, threshold=0.8) == "pred NORMAL (p=0.70)"  # -1: no known label
     assert describe(0, 0.8, threshold=0.8) == "true NORMAL, pred PNEUMONIA (p=0.80)"
+
+
+@pytest.mark.parametrize(
+    "probability, threshold, expected",
+    [(0.93, 0.5, "true NORMAL, pred PNEUMONIA (p=0.93)"),
+     (0.4995, 0.5, "true NORMAL, pred NORMAL (p=0.499)"),  # 0.50 would read as a PNEUMONIA call
+     (0.5, 0.5, "true NORMAL, pred PNEUMONIA (p=0.50)"),
+     (0.3449, 0.345, "true NORMAL, pred NORMAL (p=0.34)")],
+)  # fmt: skip
+def test_the_caption_never_rounds_p_across_the_threshold(probability, threshold, expected):
+    assert describe(0, probability, threshold) == expected

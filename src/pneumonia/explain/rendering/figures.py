@@ -64,9 +64,14 @@ def draw_attribution(
 def describe(label: int | None, probability: float, threshold: float) -> str:
     """``true NORMAL, pred PNEUMONIA (p=0.93)``; p is the probability of PNEUMONIA, called
     PNEUMONIA at or above ``threshold`` (the classifier's stored one)."""
-    predicted = CLASS_NAMES[int(probability >= threshold)]
+    called = probability >= threshold
+    predicted = CLASS_NAMES[int(called)]
     truth = f"true {CLASS_NAMES[label]}, " if label is not None and label >= 0 else ""
-    return f"{truth}pred {predicted} (p={probability:.2f})"
+    # Two decimals unless they would put p on the other side of the threshold (0.4995 -> 0.50).
+    digits = 2
+    while digits < 6 and (round(probability, digits) >= threshold) != called:
+        digits += 1
+    return f"{truth}pred {predicted} (p={probability:.{digits}f})"
 
 
 def attribution_grid(
