@@ -25,6 +25,17 @@ def test_train_help_describes_the_groups_and_common_overrides(tmp_path):
         assert line in result.stdout
 
 
+@pytest.mark.parametrize(
+    "script, setting", [("explain.py", "figure_method=guided_gradcam"), ("predict.py", "output=")]
+)
+def test_explain_and_predict_help_describe_their_own_settings(script, setting, tmp_path):
+    result = _run([sys.executable, str(ROOT / script), "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ckpt_path=<run folder or .ckpt>" in result.stdout and setting in result.stdout
+    # train.py's groups do not apply to them (the checkpoint holds the model).
+    assert "optimizer: adam" not in result.stdout and "scheduler:" not in result.stdout
+
+
 @pytest.mark.parametrize("script", ["pneumonia-train", "pneumonia-explain", "pneumonia-predict"])
 def test_console_scripts_find_the_config_tree_from_any_folder(script, tmp_path):
     path = SCRIPTS / script
