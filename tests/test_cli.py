@@ -103,6 +103,13 @@ def test_only_errors_raised_on_purpose_by_the_package_lose_their_traceback():
     with pytest.raises(ValueError) as elsewhere:
         _raise_from_this_test()
     assert user_error_message(elsewhere.value) is None
+    # A bare RuntimeError raised in the package marks a broken invariant: its traceback stays.
+    from pneumonia.data.datamodule import ChestXrayDataModule
+
+    with pytest.raises(RuntimeError, match="call setup") as invariant:
+        ChestXrayDataModule(root="unused")._rows("val")
+    assert user_error_message(invariant.value) is None
+    assert user_error_message(CheckpointError("")) is None  # nothing to say without a traceback
 
     refused = ValueError("image_size=16 is too small")
     wrapped = InstantiationException(

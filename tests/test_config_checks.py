@@ -27,10 +27,17 @@ def test_a_plus_that_adds_a_top_level_setting_nothing_reads_is_refused(
         check_added_keys(cfg, [override])
 
 
+def test_an_added_key_that_an_interpolation_reads_is_a_setting(compose_config):
+    overrides = ["+base_lr=0.002", "optimizer.lr=${base_lr}"]
+    cfg = compose_config(*overrides)
+    check_added_keys(cfg, overrides)
+    assert cfg.optimizer.lr == 0.002
+
+
 @pytest.mark.parametrize(
     "override",
     ["+trainer.val_check_interval=0.5", "+data.external_tests.site_b=/data/site_b",
-     "++notes=baseline", "optimizer.lr=0.1"],
+     "++notes=baseline", "optimizer.lr=0.1", "+callbacks.extra.x=1"],
 )  # fmt: skip
 def test_a_plus_below_an_existing_setting_or_a_group_is_left_to_what_reads_it(
     compose_config, override

@@ -30,8 +30,9 @@ from omegaconf import DictConfig
 import pneumonia
 from pneumonia.errors import UserError, refused_construction
 
-# The types of the errors this package raises with a message for the user.
-_DELIBERATE_TYPES = (ValueError, TypeError, OSError, RuntimeError)
+# The types of the errors this package raises with a message for the user. Not RuntimeError:
+# raised bare in the package it marks a broken invariant (a bug), as NotImplementedError does.
+_DELIBERATE_TYPES = (ValueError, TypeError, OSError)
 
 
 def project_root() -> Path:
@@ -90,6 +91,8 @@ def user_error_message(error: BaseException) -> str | None:
     """
     if isinstance(error, InstantiationException):
         return refused_construction(error)
+    if not str(error).strip():
+        return None  # nothing to say without the traceback
     ours = type(error).__module__.split(".")[0] == pneumonia.__name__
     if ours or (isinstance(error, _DELIBERATE_TYPES) and _raised_in_package(error)):
         return f"{type(error).__name__}: {error}"

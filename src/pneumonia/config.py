@@ -59,17 +59,23 @@ def check_added_keys(cfg: DictConfig, overrides: list[str], groups: Iterable[str
         ConfigError: naming the override and the closest existing setting.
     """
     added = [override_key(o) for o in overrides if o.startswith("+") and not o.startswith("++")]
-    plain = OmegaConf.to_container(cfg, resolve=False) if added else {}
+    if not added:
+        return
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(plain, dict)
+    interpolations = " ".join(re.findall(r"\$\{[^}]*\}", OmegaConf.to_yaml(cfg)))
     for top in dict.fromkeys(key.split(".")[0] for key in added):
         if top in groups or top not in plain:
             continue
         leaves = _leaf_keys(plain[top], top)
         if not all(any(leaf == k or leaf.startswith(f"{k}.") for k in added) for leaf in leaves):
             continue  # the config defines part of it: an existing setting
+        if re.search(rf"(?<![\w.]){re.escape(top)}\b", interpolations):
+            continue  # read by an interpolation: +base_lr=0.002 'optimizer.lr=${base_lr}'
         known = [str(k) for k in plain if not any(a.split(".")[0] == k for a in added)]
         close = difflib.get_close_matches(top, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        (override,) = [o for o in overrides if override_key(o).split(".")[0] == top][:1]
+        override = next(o for o in overrides if override_key(o).split(".")[0] == top)
         raise ConfigError(
             f"{override} adds '{top}', which is not a setting of this config{hint}, so nothing "
             "would read it. Drop the '+' to change an existing setting; --cfg job prints them all"

@@ -28,13 +28,25 @@ def test_a_folder_without_checkpoints_is_named_for_what_it_is(tmp_path):
     images.mkdir()
     with pytest.raises(CheckpointError, match=r"images holds no checkpoints/ folder: it is not a"):
         resolve_checkpoint(images, tmp_path, prefer_best=True)
+    evaluated = tmp_path / "run" / "checkpoints" / "e3.ckpt"
+    evaluated.parent.mkdir(parents=True)
+    evaluated.write_bytes(b"")
     evaluation = tmp_path / "evaluation"
     evaluation.mkdir()
-    (evaluation / "test_metrics.json").write_text('{"checkpoint": "/runs/a/checkpoints/e3.ckpt"}')
-    with pytest.raises(
-        CheckpointError, match=r"evaluation or explanation of /runs/a/checkpoints/e3"
-    ):
+    (evaluation / "test_metrics.json").write_text(f'{{"checkpoint": "{evaluated}"}}')
+    with pytest.raises(CheckpointError, match=rf"evaluation or explanation of {evaluated}; pass"):
         resolve_checkpoint(evaluation, tmp_path, prefer_best=True)
+    # A run's own folder copied without its checkpoints records one inside itself: not named.
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / "test_metrics.json").write_text(f'{{"checkpoint": "{copied}/checkpoints/e.ckpt"}}')
+    with pytest.raises(CheckpointError, match=r"copied holds no checkpoints/ folder: it is not a"):
+        resolve_checkpoint(copied, tmp_path, prefer_best=True)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"a sweep's folder; pass one of its job folders"):
+        resolve_checkpoint(sweep, tmp_path, prefer_best=True)
 
 
 def test_foreign_files_are_refused_with_the_reason(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
@@ -24,3 +26,18 @@ def test_a_session_that_cannot_be_written_leaves_a_completed_run_completed(tmp_p
     record.watch(None, [TensorBoardLogger(str(tmp_path))], None)
     record.end("completed", score=0.9)  # no exception: the run ended as its status says
     assert tried and read_status(tmp_path)["status"] == "completed"
+
+
+def test_the_resume_command_keeps_every_override_in_order_and_quotes_what_needs_it():
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pneumonia.training.record import resume_command
+
+    overrides = ["data.root=/data/a b", "trainer.max_epochs=5", "trainer.max_epochs=2", "run_dir=x"]
+    command = shlex.split(resume_command(overrides, Path("/runs/lr=0.1,b")))
+    assert command[:5] == ["python", "train.py", *overrides[:3]]  # the last value still wins
+    assert command[5:] == ['run_dir="/runs/lr=0.1,b"', "ckpt_path=last"]
+    parsed = OverridesParser.create().parse_overrides(command[2:])
+    assert parsed[3].value() == "/runs/lr=0.1,b"  # one value, not a sweep over two

@@ -421,13 +421,15 @@ class ChestXrayDataModule(L.LightningDataModule):
             share = dict(zip(SPLITS, fractions, strict=False)).get(split)
             if share:  # a fraction too small for the images: say how many it takes
                 units = "patients" if self.group_by == "patient" else "images"
+                more = " (more when patients have several images)" if units == "patients" else ""
                 fix = (
                     f"a {share:g} share of each class is less than one of its {units}: give each "
-                    f"class at least {math.ceil(1 / share)} {units}, raise that fraction, or "
-                    "replace the unreadable ones"
+                    f"class at least {math.ceil(1 / share)} {units}{more} or raise that fraction"
                 )
             else:
-                fix = "give it a non-zero fraction, add images or replace the unreadable ones"
+                fix = "give it a non-zero fraction or add images"
+            if failed:
+                fix += ", or replace the unreadable ones"
             raise EmptySplitError(
                 f"the {split} split of {self.root} is empty (split_fractions={fractions}, "
                 f"{len(self.images)} images found{undecoded}); {fix}"

@@ -122,11 +122,12 @@ def resolve_checkpoint(
 def _not_a_run_folder(path: Path) -> str:
     """Why ``ckpt_path=<folder>`` names no checkpoint, saying what the folder is when it can."""
     evaluated = _evaluated_checkpoint(path)
-    what = (
-        f"it is an evaluation or explanation of {evaluated}; pass that instead"
-        if evaluated
-        else "it is not a training run's folder, or that run stopped before its first checkpoint"
-    )
+    if (path / "multirun.yaml").is_file():
+        what = "it is a sweep's folder; pass one of its job folders"
+    elif evaluated:
+        what = f"it is an evaluation or explanation of {evaluated}; pass that instead"
+    else:
+        what = "it is not a training run's folder, or that run stopped before its first checkpoint"
     return (
         f"{path} holds no {CHECKPOINT_DIR}/ folder: {what}. Pass ckpt_path=<a run folder from "
         f"outputs/runs/, which holds {CHECKPOINT_DIR}/> or ckpt_path=<file.ckpt>"
@@ -140,7 +141,9 @@ def _evaluated_checkpoint(folder: Path) -> str | None:
             value = json.loads((folder / name).read_text()).get(key)
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(value, str) and value:
+        # The checkpoint of another run, still there: a run's own folder without its
+        # checkpoints (copied without the .ckpt files) records one inside itself.
+        if isinstance(value, str) and Path(value).is_file() and not is_inside(value, folder):
             return value
     return None
 

@@ -8,6 +8,8 @@ global step and the validation metrics of its best and last epochs.
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from pneumonia.errors import CheckpointError
-from pneumonia.hydra_hooks import hydra_choices, job_identity
+from pneumonia.hydra_hooks import hydra_choices, job_identity, override_key
 from pneumonia.training.callbacks import BestEpochMetrics
 from pneumonia.training.checkpoints import LAST, is_inside, read_checkpoint
 from pneumonia.training.hparams_session import session_hparams, write_session
@@ -128,20 +130,29 @@ def _warn_of_other_overrides(output_dir: Path, last_attempt: Any, overrides: lis
     """
     if not isinstance(last_attempt, list):
         return
-    before, now = set(job_identity([str(o) for o in last_attempt])), set(job_identity(overrides))
+    last_attempt = [str(o) for o in last_attempt]
+    before, now = set(job_identity(last_attempt)), set(job_identity(overrides))
     if before == now:
         return
-    dropped, added = sorted(before - now), sorted(now - before)
     log.warning(
         "resuming %s with other overrides than its last attempt (dropped: %s; added: %s). "
         "The rest of the run trains with this command's settings; to continue as it ran, "
-        "resume with: python train.py %s run_dir=%s ckpt_path=last",
+        "resume with: %s",
         output_dir,
-        " ".join(dropped) or "none",
-        " ".join(added) or "none",
-        " ".join(sorted(before)),
-        output_dir,
+        " ".join(sorted(before - now)) or "none",
+        " ".join(sorted(now - before)) or "none",
+        resume_command(last_attempt, output_dir),
     )
+
+
+def resume_command(overrides: list[str], output_dir: Path) -> str:
+    """``python train.py <overrides, in their order> run_dir=<output_dir> ckpt_path=last``, quoted
+    for the shell, with ``run_dir`` quoted for Hydra where the path holds ``=``, ``,`` or brackets."""
+    kept = [o for o in overrides if override_key(o) not in ("run_dir", "ckpt_path")]
+    folder = str(output_dir)
+    if not re.fullmatch(r"[\w./:~+@%-]+", folder):
+        folder = '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return shlex.join(["python", "train.py", *kept, f"run_dir={folder}", "ckpt_path=last"])
 
 
 def _resumes_in_place(cfg: DictConfig, output_dir: Path) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pneumonia.config import NEVER_VALIDATED, check_train_config
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.errors import CheckpointError, ConfigError, NeverValidatedError, NothingTrainedError
-from pneumonia.hydra_hooks import is_sweep_job, job_identity, override_key, task_overrides
+from pneumonia.hydra_hooks import is_sweep_job, job_identity, task_overrides
 from pneumonia.metrics.diagnostic import METRIC_NAMES
 from pneumonia.metrics.evaluation import warn_if_one_class
 from pneumonia.metrics.outside_pool import measure_outside_pool, measures_outside_pool
@@ -57,7 +56,7 @@ from pneumonia.training.loggers import (
 )
 from pneumonia.training.progress import StepProgressBar
 from pneumonia.training.random_stream import RandomStreamCheckpoint
-from pneumonia.training.record import RunRecord, fitted_last_checkpoint
+from pneumonia.training.record import RunRecord, fitted_last_checkpoint, resume_command
 from pneumonia.training.resume import ResumePoint, step_settings
 from pneumonia.training.schedulers import cycles_momentum
 from pneumonia.training.status import COMPLETED, FAILED, INTERRUPTED, hold_run_folder, read_status
@@ -132,18 +131,12 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
                 # A sweep job's folder name holds '=', which a run_dir override cannot take bare.
                 f"rerun the sweep with hydra.sweep.dir={output_dir.parent} to resume it"
                 if is_sweep_job()
-                else f"resume it with: python train.py {_resume_overrides(overrides, output_dir)}",
+                else f"resume it with: {resume_command(overrides, output_dir)}",
             )
             raise SystemExit(128 + signal.SIGTERM if by_sigterm else 1) from error
         raise
     record.end(COMPLETED, score=score)
     return score
-
-
-def _resume_overrides(overrides: list[str], output_dir: Path) -> str:
-    """This run's overrides with ``run_dir`` and ``ckpt_path`` set to resume it in place."""
-    kept = [o for o in overrides if override_key(o) not in ("run_dir", "ckpt_path")]
-    return shlex.join([*kept, f"run_dir={output_dir}", "ckpt_path=last"])
 
 
 def _finished_job(output_dir: Path, overrides: list[str], cfg: DictConfig) -> dict[str, Any] | None:

@@ -42,7 +42,8 @@ def test_describe_applies_the_threshold_to_the_probability_of_pneumonia():
     [(0.93, 0.5, "true NORMAL, pred PNEUMONIA (p=0.93)"),
      (0.4995, 0.5, "true NORMAL, pred NORMAL (p=0.499)"),  # 0.50 would read as a PNEUMONIA call
      (0.5, 0.5, "true NORMAL, pred PNEUMONIA (p=0.50)"),
-     (0.3449, 0.345, "true NORMAL, pred NORMAL (p=0.34)")],
+     (0.3449, 0.345, "true NORMAL, pred NORMAL (p=0.34)"),
+     (0.49999999, 0.5, "true NORMAL, pred NORMAL (p=0.49999999)")],
 )  # fmt: skip
 def test_the_caption_never_rounds_p_across_the_threshold(probability, threshold, expected):
     assert describe(0, probability, threshold) == expected

@@ -69,7 +69,7 @@ def describe(label: int | None, probability: float, threshold: float) -> str:
     truth = f"true {CLASS_NAMES[label]}, " if label is not None and label >= 0 else ""
     # Two decimals unless they would put p on the other side of the threshold (0.4995 -> 0.50).
     digits = 2
-    while digits < 6 and (round(probability, digits) >= threshold) != called:
+    while digits < 17 and (round(probability, digits) >= threshold) != called:
         digits += 1
     return f"{truth}pred {predicted} (p={probability:.{digits}f})"
 
