@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 import pneumonia
@@ -89,8 +88,9 @@ def user_error_message(error: BaseException) -> str | None:
     refused comes wrapped in Hydra's ``InstantiationException``, whose message names the target,
     the refusal and the key.
     """
-    if isinstance(error, InstantiationException):
-        return refused_construction(error)
+    refused = refused_construction(error)
+    if refused is not None:
+        return refused
     if not str(error).strip():
         return None  # nothing to say without the traceback
     ours = type(error).__module__.split(".")[0] == pneumonia.__name__

@@ -121,10 +121,9 @@ def resolve_checkpoint(
 
 def _not_a_run_folder(path: Path) -> str:
     """Why ``ckpt_path=<folder>`` names no checkpoint, saying what the folder is when it can."""
-    evaluated = _evaluated_checkpoint(path)
     if (path / "multirun.yaml").is_file():
         what = "it is a sweep's folder; pass one of its job folders"
-    elif evaluated:
+    elif evaluated := _evaluated_checkpoint(path):
         what = f"it is an evaluation or explanation of {evaluated}; pass that instead"
     else:
         what = "it is not a training run's folder, or that run stopped before its first checkpoint"
@@ -136,9 +135,9 @@ def _not_a_run_folder(path: Path) -> str:
 
 def _evaluated_checkpoint(folder: Path) -> str | None:
     """The checkpoint an evaluation or explanation folder records, if it records one."""
-    for name, key in (("test_metrics.json", "checkpoint"), ("trust.json", "checkpoint")):
+    for name in ("test_metrics.json", "trust.json"):
         try:
-            value = json.loads((folder / name).read_text()).get(key)
+            value = json.loads((folder / name).read_text()).get("checkpoint")
         except (OSError, ValueError, AttributeError):
             continue
         # The checkpoint of another run, still there: a run's own folder without its
